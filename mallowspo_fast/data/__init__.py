@@ -1,0 +1,1 @@
+"""Preference data: loading, formats, tokenisation, collation, pair generation."""

@@ -1,0 +1,188 @@
+"""Functional API of the fused log-prob / entropy op and backend dispatch."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+from .naive import naive_sequence_logprobs, naive_token_logprobs
+
+BACKENDS = ("triton", "torch", "reference")
+BACKEND_ENV = "MALLOWSPO_FAST_BACKEND"
+
+
+class TokenLogprobs(NamedTuple):
+    """Per-token outputs, fp32, shape of ``labels``; masked positions hold 0."""
+
+    logps: torch.Tensor
+    entropy: torch.Tensor
+
+
+class SequenceLogprobs(NamedTuple):
+    """Per-sequence outputs: masked sum of log-probs [B], masked mean entropy [B] (0 when the
+    sequence has no tokens) and the token count [B] (int64)."""
+
+    logps: torch.Tensor
+    entropy: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """``backend`` argument > ``MALLOWSPO_FAST_BACKEND`` > triton on CUDA, torch elsewhere."""
+    if backend is None:
+        backend = os.environ.get(BACKEND_ENV) or None
+    if backend is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got device {device}); on CPU set TRITON_INTERPRET=1 "
+            "before importing triton, or use backend='torch'"
+        )
+    return backend
+
+
+def _validate(logits: torch.Tensor, labels: torch.Tensor, temperature: float, where: str) -> None:
+    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{where}: logits and labels must be tensors, got {type(logits)} and {type(labels)}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise TypeError(f"{where}: logits must be float32/bfloat16/float16/float64, got {logits.dtype}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{where}: labels must be int64 (or int32), got {labels.dtype}")
+    if logits.dim() < 1 or tuple(logits.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(
+            f"{where}: expected logits [..., V] and labels [...] with matching leading dims, got "
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
+        )
+    if logits.device != labels.device:
+        raise ValueError(f"{where}: logits on {logits.device} but labels on {labels.device}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"{where}: temperature must be a positive number, got {temperature!r}")
+
+
+def check_labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: int, where: str) -> None:
+    """Raise on labels outside [0, V) that are not ignore_index. Only on CPU: on CUDA this would be a
+    host sync, so the kernels instead give NaN for such tokens and never read out of bounds."""
+    if labels.device.type != "cpu" or labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"{where}: labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+            f"found {int(labels[idx])} at position {idx} ({int(bad.sum())} bad labels in all)"
+        )
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    backend: str | None = None,
+    inplace_backward: bool = False,
+) -> TokenLogprobs:
+    """Token log-probs of the labels and token entropies, in one pass over the logits.
+
+    With z = logits / temperature: ``logps = z[label] - logsumexp(z)`` and
+    ``entropy = logsumexp(z) - sum(softmax(z) * z)`` (natural log), both fp32 whatever the input dtype.
+
+    Args:
+        logits: [..., V] float32/bfloat16/float16; any row stride (e.g. the shifted view
+            ``logits[:, :-1]`` works without a copy).
+        labels: [...] int64, already aligned with the logits (the caller shifts). Positions equal to
+            ``ignore_index`` are masked: they give 0, get zero gradient and are not read.
+        ignore_index: label value of masked positions.
+        temperature: positive divisor of the logits.
+        backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked pure PyTorch, any
+            device), "reference" (naive eager) or None (triton on CUDA, torch elsewhere; the
+            environment variable MALLOWSPO_FAST_BACKEND overrides).
+        inplace_backward: opt-in; the backward writes the gradient into the logits buffer (only safe
+            when nothing else needs the logits afterwards).
+
+    Returns:
+        TokenLogprobs(logps [...], entropy [...]), fp32, differentiable in both.
+
+    Example:
+        >>> out = token_logprobs(logits[:, :-1], input_ids[:, 1:].masked_fill(~mask, -100))
+        >>> out.logps.sum(-1)
+    """
+    _validate(logits, labels, temperature, "token_logprobs")
+    be = resolve_backend(backend, logits.device)
+    check_labels_in_range(labels, logits.shape[-1], ignore_index, "token_logprobs")
+    if be == "reference":
+        logps, entropy = naive_token_logprobs(logits, labels, ignore_index, temperature)
+        return TokenLogprobs(logps, entropy)
+    lead = labels.shape
+    logits3d, labels2d = _as_3d(logits, labels)
+    if be == "torch":
+        from .torch_path import torch_token_logprobs as impl
+    else:
+        from .triton_path import triton_token_logprobs as impl
+    logps, entropy = impl(logits3d, labels2d, ignore_index, temperature, inplace_backward)
+    return TokenLogprobs(logps.reshape(lead), entropy.reshape(lead))
+
+
+def sequence_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    backend: str | None = None,
+    inplace_backward: bool = False,
+) -> SequenceLogprobs:
+    """Per-sequence masked sums of token log-probs and masked mean entropies.
+
+    Args:
+        logits: [B, T, V]; labels: [B, T] (see :func:`token_logprobs` for the other arguments).
+
+    Returns:
+        SequenceLogprobs(logps [B] = sum over unmasked tokens, entropy [B] = mean over unmasked
+        tokens (0 when there are none), num_tokens [B] int64). logps and entropy are fp32 and
+        differentiable.
+
+    Example:
+        >>> seq = sequence_logprobs(out.logits[:, :-1], labels[:, 1:])
+        >>> chosen, rejected = seq.logps.chunk(2)
+    """
+    _validate(logits, labels, temperature, "sequence_logprobs")
+    if logits.dim() != 3:
+        raise ValueError(f"sequence_logprobs: expected logits [B, T, V], got shape {tuple(logits.shape)}")
+    be = resolve_backend(backend, logits.device)
+    check_labels_in_range(labels, logits.shape[-1], ignore_index, "sequence_logprobs")
+    if be == "reference":
+        return SequenceLogprobs(*naive_sequence_logprobs(logits, labels, ignore_index, temperature))
+    if be == "triton":
+        from .triton_path import triton_sequence_logprobs
+
+        return SequenceLogprobs(
+            *triton_sequence_logprobs(logits, labels, ignore_index, temperature, inplace_backward)
+        )
+    tok = token_logprobs(
+        logits, labels, ignore_index=ignore_index, temperature=temperature, backend=be,
+        inplace_backward=inplace_backward,
+    )
+    num_tokens = (labels != ignore_index).sum(-1)
+    denom = num_tokens.clamp(min=1).to(torch.float32)
+    return SequenceLogprobs(tok.logps.sum(-1), tok.entropy.sum(-1) / denom, num_tokens)
+
+
+def _as_3d(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical [B, T, V] view of logits [..., V] without a copy: the backends take the batch and
+    time strides as they are, so the shifted view ``logits[:, :-1]`` costs nothing. A last-dim stride
+    != 1 costs one contiguous copy (the kernels stream along V)."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if logits.dim() == 1:
+        return logits.view(1, 1, -1), labels.reshape(1, 1)
+    if logits.dim() == 2:
+        return logits.unsqueeze(0), labels.reshape(1, -1)
+    if logits.dim() == 3:
+        return logits, labels
+    # [..., T, V] with more leading dims: merge them (a copy only if they are not mergeable).
+    return logits.reshape(-1, *logits.shape[-2:]), labels.reshape(-1, labels.shape[-1])

@@ -1,0 +1,1 @@
+"""The lean DeepSpeed trainer: config, engine setup, loop, checkpoints, logging, CLI."""
