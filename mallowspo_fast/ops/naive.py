@@ -29,8 +29,9 @@ def naive_token_logprobs(
     safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
     logp_all = torch.log_softmax(z, dim=-1)
     p = logp_all.exp()
-    # xlogy-style product: p * log p is 0 where p == 0 (also for -inf logits).
-    plogp = torch.where(p > 0, p * logp_all, torch.zeros_like(p))
+    # p·log p is 0 where p == 0 (-inf logits). Zero the log *before* the product so that neither the
+    # value nor the gradient meets 0·(-inf).
+    plogp = p * torch.where(p > 0, logp_all, torch.zeros_like(p))
     entropy = -plogp.sum(-1)
     logps = logp_all.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     zero = torch.zeros((), dtype=compute_dtype, device=logits.device)
