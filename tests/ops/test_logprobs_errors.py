@@ -18,7 +18,7 @@ def test_out_of_range_label_raises_on_cpu(backend, bad):
     logits = torch.randn(2, 3, 50)
     labels = torch.zeros(2, 3, dtype=torch.long)
     labels[1, 2] = bad
-    with pytest.raises(ValueError, match=r"\[0, 50\).*found %d at position \(1, 2\)" % bad):
+    with pytest.raises(ValueError, match=rf"\[0, 50\).*found {bad} at position \(1, 2\)"):
         mpf.sequence_logprobs(logits, labels, backend=backend)
 
 

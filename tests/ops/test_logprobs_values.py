@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ops_helpers import BACKENDS, DEVICE, DTYPES, GRAD_ATOL, VALUE_ATOL, random_labels, ref_sequence, ref_token
+from ops_helpers import (
+    BACKENDS,
+    DEVICE,
+    DTYPES,
+    GRAD_ATOL,
+    VALUE_ATOL,
+    random_labels,
+    ref_sequence,
+    ref_token,
+)
 
 import mallowspo_fast as mpf
 

@@ -1,0 +1,203 @@
+"""Ahead-of-time compilation report of every kernel for sm_80 / sm_90 (no GPU or driver needed).
+
+For each kernel variant x architecture x dtype x V, compiles the shipped launch configuration with
+``triton.compile`` against a ``GPUTarget`` and reads the resource usage of the resulting cubin with the
+``cuobjdump`` shipped in Triton's NVIDIA backend: registers per thread, spill stores/loads (bytes),
+static shared memory, plus the kernel's launch config and an occupancy estimate.
+
+Usage::
+
+    python -m mallowspo_fast.ops.aot [--arch 80 90] [--dtype bf16 fp16 fp32] [--vocab 32000 ...]
+                                     [--json report.json]
+
+Must run without TRITON_INTERPRET=1 (the interpreter replaces the compiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+
+ARCHS = (80, 90)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+VOCABS = (32000, 128256, 151936, 256000)
+# Registers per SM and the per-thread limit are the same on A100 and H100.
+REGS_PER_SM, MAX_THREADS_PER_SM, MAX_CTAS_PER_SM = 65536, 2048, 32
+SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
+
+
+@dataclass
+class KernelReport:
+    kernel: str
+    arch: int
+    dtype: str
+    vocab: int
+    block: int
+    num_warps: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+    occupancy: float  # resident warps / max warps per SM, from registers and shared memory
+
+
+def _triton_type(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def _variants(dtype: torch.dtype, vocab: int):
+    """(name, jit fn, signature, constexprs, num_warps, block) of every kernel the launchers can run."""
+    from .._kernels import _sequence_reduce_kernel, _token_logprobs_bwd_kernel, _token_logprobs_fwd_kernel
+    from .triton_path import launch_config
+
+    block, warps = launch_config(vocab, dtype)
+    t = "*" + _triton_type(dtype)
+    fwd_sig = {
+        "logits_ptr": t, "labels_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
+        "seq_len": "i32", "vocab_size": "i32",
+        "stride_logits_b": "i64", "stride_logits_t": "i64", "stride_labels_b": "i64", "stride_labels_t": "i64",
+        "ignore_index": "i32", "inv_temp": "fp32", "BLOCK_V": "constexpr",
+    }
+    yield "fwd", _token_logprobs_fwd_kernel, fwd_sig, {"BLOCK_V": block}, warps, block
+    bwd_sig = {
+        "logits_ptr": t, "grad_logits_ptr": t, "labels_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
+        "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "seq_len": "i32", "vocab_size": "i32",
+        **{f"stride_{n}_{d}": "i64" for n in ("logits", "grad", "labels", "glogp", "gent") for d in "bt"},
+        "ignore_index": "i32", "inv_temp": "fp32",
+        "HAS_GRAD_LOGP": "constexpr", "HAS_GRAD_ENTROPY": "constexpr", "BLOCK_V": "constexpr",
+    }
+    for has_g, has_h, tag in ((True, True, "bwd"), (True, False, "bwd_logp_only"), (False, True, "bwd_entropy_only")):
+        consts = {"HAS_GRAD_LOGP": has_g, "HAS_GRAD_ENTROPY": has_h, "BLOCK_V": block}
+        yield tag, _token_logprobs_bwd_kernel, bwd_sig, consts, warps, block
+    red_sig = {
+        "labels_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "seq_logp_ptr": "*fp32",
+        "seq_entropy_ptr": "*fp32", "seq_count_ptr": "*i64", "seq_len": "i32",
+        "stride_labels_b": "i64", "stride_labels_t": "i64", "ignore_index": "i32", "BLOCK_T": "constexpr",
+    }
+    yield "sequence_reduce", _sequence_reduce_kernel, red_sig, {"BLOCK_T": 1024}, 4, 1024
+
+
+def _pointer_alignment(fn, signature):
+    """Tell the compiler what the JIT infers for real tensors: 16-byte aligned pointers."""
+    return {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items() if v.startswith("*")}
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"could not parse cuobjdump output:\n{out}")
+    reg, stack, shared, local = (int(x) for x in m.groups())
+    return {"registers": reg, "stack": stack, "shared": shared, "local": local}
+
+
+def _spills(ptx_log: str) -> tuple[int, int]:
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptx_log)
+    if m is None:
+        raise RuntimeError(f"ptxas -v printed no spill statistics:\n{ptx_log}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _ptxas_spills(ptx: str, arch: int) -> tuple[int, int]:
+    import triton
+
+    # Triton emits PTX newer than its bundled sm_80/90 ptxas reads directly; the newer ptxas it ships
+    # for Blackwell reads it and reports the same register allocation statistics.
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    tool = os.path.join(bindir, "ptxas-blackwell")
+    if not os.path.exists(tool):
+        tool = os.path.join(bindir, "ptxas")
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([tool, "-v", f"-arch=sm_{arch}{suffix}", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    return _spills(res.stderr + res.stdout)
+
+
+def _occupancy(registers: int, warps: int, shared: int, arch: int) -> float:
+    threads = warps * 32
+    # Registers are allocated per warp in units of 256.
+    regs_per_warp = ((max(registers, 1) * 32 + 255) // 256) * 256
+    by_regs = REGS_PER_SM // (regs_per_warp * warps)
+    by_threads = MAX_THREADS_PER_SM // threads
+    by_smem = SMEM_PER_SM[arch] // shared if shared else MAX_CTAS_PER_SM
+    ctas = max(0, min(by_regs, by_threads, by_smem, MAX_CTAS_PER_SM))
+    return ctas * warps / (MAX_THREADS_PER_SM // 32)
+
+
+def compile_report(archs=ARCHS, dtypes=tuple(DTYPES), vocabs=VOCABS) -> list[KernelReport]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (the interpreter replaces the compiler)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    reports, cache = [], {}
+    for arch in archs:
+        target = GPUTarget("cuda", arch, 32)
+        for dname in dtypes:
+            for vocab in vocabs:
+                for name, fn, sig, consts, warps, block in _variants(DTYPES[dname], vocab):
+                    key = (name, arch, dname, tuple(sorted(consts.items())), warps)
+                    if key not in cache:
+                        src = ASTSource(fn, sig, constexprs=consts, attrs=_pointer_alignment(fn, sig))
+                        kernel = triton.compile(src, target=target, options={"num_warps": warps})
+                        usage = _resource_usage(kernel.asm["cubin"])
+                        spill_st, spill_ld = _ptxas_spills(kernel.asm["ptx"], arch)
+                        # Local memory in the final cubin is where spills would live: count it too.
+                        spill_st = max(spill_st, usage["local"])
+                        shared = max(usage["shared"], int(kernel.metadata.shared))
+                        cache[key] = (usage["registers"], spill_st, spill_ld, shared)
+                    regs, st, ld, shared = cache[key]
+                    reports.append(KernelReport(name, arch, dname, vocab, block, warps, regs, st, ld, shared,
+                                                round(_occupancy(regs, warps, shared, arch), 3)))
+    return reports
+
+
+def format_table(reports: list[KernelReport]) -> str:
+    head = "| kernel | sm | dtype | V | BLOCK | warps | regs | spill st/ld (B) | smem (B) | occupancy |"
+    lines = [head, "|" + "---|" * 10]
+    for r in reports:
+        lines.append(f"| {r.kernel} | {r.arch} | {r.dtype} | {r.vocab} | {r.block} | {r.num_warps} | "
+                     f"{r.registers} | {r.spill_stores}/{r.spill_loads} | {r.shared_bytes} | {r.occupancy:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
+    p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--vocab", type=int, nargs="+", default=list(VOCABS))
+    p.add_argument("--json", help="also write the report as JSON to this path")
+    args = p.parse_args(argv)
+    reports = compile_report(args.arch, args.dtype, args.vocab)
+    print(format_table(reports))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in reports], f, indent=1)
+    spilled = [r for r in reports if r.spill_stores or r.spill_loads]
+    if spilled:
+        print(f"\n{len(spilled)} configurations spill registers", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
