@@ -29,6 +29,11 @@ def _row_chunks(batch: int, seq: int, vocab: int):
             yield b0, min(batch, b0 + per), 0, seq
 
 
+# Log-probs below this are exactly 0 in fp32 probability (e^-104 underflows); clamping -inf logits
+# here keeps every product finite (no 0·(-inf)) without changing any result.
+_LOGP_FLOOR = -200.0
+
+
 def _chunk_forward(z: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, inv_temp: float):
     """z: [r, V] slice in the input dtype -> (logp, H, lse) fp32 [r]; masked rows give 0 logp/H."""
     z = z.float()
@@ -37,12 +42,12 @@ def _chunk_forward(z: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, in
     m = z.amax(-1, keepdim=True)
     # A row of all -inf would give nan from (-inf) - (-inf); such rows only occur masked.
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    zm = z - m
+    zm = torch.sub(z, m).clamp_(min=_LOGP_FLOOR)
     e = torch.exp(zm)
     s = e.sum(-1)
     # Σ p·(z − m) relative to the max: H = log s − Σ e(z − m)/s never subtracts two large numbers
-    # (exact for |z| ~ 1e4 and under a constant shift). 0·(−inf) := 0 for -inf logits.
-    w = (e * torch.where(e > 0, zm, torch.zeros_like(zm))).sum(-1)
+    # (exact for |z| ~ 1e4 and under a constant shift). A batched dot product: no [r, V] temporary.
+    w = torch.bmm(e.unsqueeze(1), zm.unsqueeze(2)).view(-1)
     log_s = torch.log(s)
     lse = m.squeeze(-1) + log_s
     entropy = log_s - w / s
@@ -54,6 +59,7 @@ def _chunk_forward(z: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, in
 
 def _chunk_backward(
     z: torch.Tensor,
+    out: torch.Tensor,
     labels: torch.Tensor,
     mask: torch.Tensor,
     lse: torch.Tensor,
@@ -62,29 +68,29 @@ def _chunk_backward(
     h: torch.Tensor | None,
     inv_temp: float,
 ) -> torch.Tensor:
-    """dL/dlogits for one chunk, fp32 [r, V]: (g·(onehot − p) − h·p·(log p + H)) / T, 0 on masked rows."""
+    """Write dL/dlogits of one chunk into ``out`` (fp32 [r, V], may alias nothing else):
+    (g·(onehot − p) − h·p·(log p + H)) / T, exactly 0 on masked rows. Returns ``out``."""
     zf = z.float()
     if inv_temp != 1.0:
         zf = zf * inv_temp
-    logp_all = zf - lse.unsqueeze(-1)
-    p = torch.exp(logp_all)
     zero = torch.zeros((), dtype=torch.float32, device=z.device)
-    g = torch.where(mask, g, zero) if g is not None else None
-    h = torch.where(mask, h, zero) if h is not None else None
-    if h is not None:
-        # coef = g + h·(log p + H); p·coef with 0·(-inf) := 0 where p == 0.
-        coef = logp_all.add_(entropy.unsqueeze(-1)).mul_(h.unsqueeze(-1))
-        if g is not None:
-            coef.add_(g.unsqueeze(-1))
-        grad = torch.where(p > 0, p * coef, zero).neg_()
+    # Masked rows get zero upstream grads, so their gradient row is exactly 0 with no special case.
+    g = torch.where(mask, g, zero) if g is not None else torch.zeros_like(lse)
+    logp = torch.sub(zf, lse.unsqueeze(-1), out=out)
+    if h is None:
+        # −g·p / T (+ g/T at the label): sub, exp, scale — three passes.
+        logp.exp_().mul_((-g * inv_temp).unsqueeze(-1))
     else:
-        grad = p.mul_(g.unsqueeze(-1)).neg_()
-    if g is not None:
-        safe = torch.where(mask, labels, torch.zeros_like(labels))
-        grad.scatter_add_(-1, safe.unsqueeze(-1), g.unsqueeze(-1))
-    if inv_temp != 1.0:
-        grad.mul_(inv_temp)
-    return grad
+        h = torch.where(mask, h, zero)
+        logp.clamp_(min=_LOGP_FLOOR)
+        p = torch.exp(logp)
+        # −p·(g + h·(log p + H)) / T = p·(c + k·log p) with c = −(g + h·H)/T, k = −h/T.
+        c = (-(g + h * entropy) * inv_temp).unsqueeze(-1)
+        k = (-h * inv_temp).unsqueeze(-1)
+        torch.addcmul(c, logp, k, out=logp).mul_(p)
+    safe = torch.where(mask, labels, torch.zeros_like(labels))
+    out.scatter_add_(-1, safe.unsqueeze(-1), (g * inv_temp).unsqueeze(-1))
+    return out
 
 
 class TokenLogprobsTorchFunction(torch.autograd.Function):
@@ -116,17 +122,23 @@ class TokenLogprobsTorchFunction(torch.autograd.Function):
             return None, None, None, None, None
         batch, seq, vocab = logits.shape
         mask = labels != ctx.ignore_index
-        # Written once, chunk by chunk; every element is covered by exactly one chunk.
+        # Written once, chunk by chunk; every element is covered by exactly one chunk. When the buffer
+        # is fp32 and the chunk is a dense block of it, the chunk gradient is computed in place there.
         grad = logits if ctx.inplace else torch.empty_like(logits)
         for b0, b1, t0, t1 in _row_chunks(batch, seq, vocab):
             sl = (slice(b0, b1), slice(t0, t1))
             g = grad_logps[sl].reshape(-1).float() if grad_logps is not None else None
             h = grad_entropy[sl].reshape(-1).float() if grad_entropy is not None else None
-            gz = _chunk_backward(
-                logits[sl].reshape(-1, vocab), labels[sl].reshape(-1), mask[sl].reshape(-1),
+            target = grad[sl]
+            direct = target.dtype == torch.float32 and target.is_contiguous() and not ctx.inplace
+            out = target.view(-1, vocab) if direct else torch.empty(
+                (b1 - b0) * (t1 - t0), vocab, dtype=torch.float32, device=logits.device)
+            _chunk_backward(
+                logits[sl].reshape(-1, vocab), out, labels[sl].reshape(-1), mask[sl].reshape(-1),
                 lse[sl].reshape(-1), entropy[sl].reshape(-1), g, h, ctx.inv_temp,
             )
-            grad[sl] = gz.view(b1 - b0, t1 - t0, vocab)
+            if not direct:
+                target.copy_(out.view(b1 - b0, t1 - t0, vocab))
         return grad, None, None, None, None
 
 
