@@ -112,6 +112,7 @@ def token_logprobs(
         >>> out.logps.sum(-1)
     """
     _validate(logits, labels, temperature, "token_logprobs")
+    labels = labels.long()
     be = resolve_backend(backend, logits.device)
     check_labels_in_range(labels, logits.shape[-1], ignore_index, "token_logprobs")
     if be == "reference":
@@ -153,6 +154,7 @@ def sequence_logprobs(
     _validate(logits, labels, temperature, "sequence_logprobs")
     if logits.dim() != 3:
         raise ValueError(f"sequence_logprobs: expected logits [B, T, V], got shape {tuple(logits.shape)}")
+    labels = labels.long()
     be = resolve_backend(backend, logits.device)
     check_labels_in_range(labels, logits.shape[-1], ignore_index, "sequence_logprobs")
     if be == "reference":

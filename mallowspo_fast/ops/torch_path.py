@@ -93,22 +93,40 @@ def _chunk_backward(
     return out
 
 
+def _unmasked_rows(mask: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the unmasked rows of a chunk when skipping the others pays off, else None.
+
+    Only on CPU, where the index computation is free: on an accelerator it would be a host sync, so
+    there every row of the chunk is computed and masked rows are zeroed through their zero upstream
+    grads (the Triton kernels skip masked rows without any sync)."""
+    if mask.device.type != "cpu" or bool(mask.all()):
+        return None
+    return mask.nonzero().squeeze(1)
+
+
 class TokenLogprobsTorchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, temperature, inplace_backward):
         batch, seq, vocab = logits.shape
         inv_temp = 1.0 / float(temperature)
         mask = labels != ignore_index
-        logps = torch.empty(batch, seq, dtype=torch.float32, device=logits.device)
-        entropy = torch.empty_like(logps)
-        lse = torch.empty_like(logps)
+        out = torch.zeros(3, batch, seq, dtype=torch.float32, device=logits.device)
+        logps, entropy, lse = out[0], out[1], out[2]
         for b0, b1, t0, t1 in _row_chunks(batch, seq, vocab):
-            z = logits[b0:b1, t0:t1].reshape(-1, vocab)
-            lp, en, ls = _chunk_forward(z, labels[b0:b1, t0:t1].reshape(-1), mask[b0:b1, t0:t1].reshape(-1),
-                                        inv_temp)
-            logps[b0:b1, t0:t1] = lp.view(b1 - b0, t1 - t0)
-            entropy[b0:b1, t0:t1] = en.view(b1 - b0, t1 - t0)
-            lse[b0:b1, t0:t1] = ls.view(b1 - b0, t1 - t0)
+            sl = (slice(b0, b1), slice(t0, t1))
+            z, lab, m = logits[sl].reshape(-1, vocab), labels[sl].reshape(-1), mask[sl].reshape(-1)
+            keep = _unmasked_rows(m)
+            if keep is not None:  # masked rows are never read; their outputs stay 0
+                if keep.numel() == 0:
+                    continue
+                z, lab, m = z.index_select(0, keep), lab[keep], m[keep]
+            stats = _chunk_forward(z, lab, m, inv_temp)
+            for dst, val in zip((logps, entropy, lse), stats):
+                rows = dst[sl].reshape(-1)
+                if keep is None:
+                    dst[sl] = val.view(b1 - b0, t1 - t0)
+                else:
+                    dst[sl] = rows.index_copy(0, keep, val).view(b1 - b0, t1 - t0)
         ctx.save_for_backward(logits, labels, lse, entropy)
         ctx.ignore_index, ctx.inv_temp, ctx.inplace = ignore_index, inv_temp, inplace_backward
         ctx.set_materialize_grads(False)
@@ -127,18 +145,39 @@ class TokenLogprobsTorchFunction(torch.autograd.Function):
         grad = logits if ctx.inplace else torch.empty_like(logits)
         for b0, b1, t0, t1 in _row_chunks(batch, seq, vocab):
             sl = (slice(b0, b1), slice(t0, t1))
-            g = grad_logps[sl].reshape(-1).float() if grad_logps is not None else None
-            h = grad_entropy[sl].reshape(-1).float() if grad_entropy is not None else None
+            nrows = (b1 - b0) * (t1 - t0)
+            m = mask[sl].reshape(-1)
+            keep = _unmasked_rows(m)
+
+            def pick(t, sl=sl, keep=keep):
+                rows = t[sl].reshape(-1)
+                return rows if keep is None else rows[keep]
+
+            g = pick(grad_logps).float() if grad_logps is not None else None
+            h = pick(grad_entropy).float() if grad_entropy is not None else None
             target = grad[sl]
-            direct = target.dtype == torch.float32 and target.is_contiguous() and not ctx.inplace
-            out = target.view(-1, vocab) if direct else torch.empty(
-                (b1 - b0) * (t1 - t0), vocab, dtype=torch.float32, device=logits.device)
-            _chunk_backward(
-                logits[sl].reshape(-1, vocab), out, labels[sl].reshape(-1), mask[sl].reshape(-1),
-                lse[sl].reshape(-1), entropy[sl].reshape(-1), g, h, ctx.inv_temp,
-            )
-            if not direct:
+            direct = (keep is None and target.dtype == torch.float32 and target.is_contiguous()
+                      and not ctx.inplace)
+            n = nrows if keep is None else keep.numel()
+            out = target.view(-1, vocab) if direct else torch.empty(n, vocab, dtype=torch.float32,
+                                                                     device=logits.device)
+            z = logits[sl].reshape(-1, vocab)
+            if keep is not None:
+                z = z.index_select(0, keep)
+            _chunk_backward(z, out, pick(labels), pick(mask), pick(lse), pick(entropy), g, h, ctx.inv_temp)
+            if direct:
+                continue
+            if keep is None:
                 target.copy_(out.view(b1 - b0, t1 - t0, vocab))
+            elif target.is_contiguous():
+                # Masked rows get their zeros, unmasked rows their gradient: each element written once.
+                rows = target.view(-1, vocab)
+                rows.index_fill_(0, (~m).nonzero().squeeze(1), 0)
+                rows.index_copy_(0, keep, out.to(target.dtype))
+            else:  # in place into a strided logits view
+                full = torch.zeros(nrows, vocab, dtype=target.dtype, device=target.device)
+                full.index_copy_(0, keep, out.to(target.dtype))
+                target.copy_(full.view(b1 - b0, t1 - t0, vocab))
         return grad, None, None, None, None
 
 

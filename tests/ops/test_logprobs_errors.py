@@ -92,3 +92,12 @@ def test_int64_offsets_beyond_2_pow_31_elements(backend):
 def test_interpreter_flag_is_set_for_the_suite():
     # The kernel tests above ran on CPU tensors: either a GPU exists or the interpreter is on.
     assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_labels_are_accepted(backend):
+    logits = torch.randn(2, 3, 17, device=DEVICE)
+    labels = torch.randint(0, 17, (2, 3), device=DEVICE)
+    a = mpf.sequence_logprobs(logits, labels.int(), backend=backend)
+    b = mpf.sequence_logprobs(logits, labels, backend=backend)
+    assert torch.equal(a.logps, b.logps) and torch.equal(a.entropy, b.entropy)
