@@ -1,0 +1,211 @@
+"""Model-level memory mode: run a causal LM's backbone and go from its last hidden states straight to
+per-sequence log-probs, with the output layer applied chunk by chunk (:mod:`.linear`).
+
+Why a module and not just a function: under DeepSpeed ZeRO-3 every parameter is sharded and is only
+gathered around the ``forward`` of the module that owns it (and again before that module's backward).
+The output-layer weight is used here outside ``lm_head.forward``, so :class:`LMHeadLogprobs` replaces
+the model's output layer *as the owner of the same Parameter objects*: DeepSpeed's hooks then gather
+the weight around ``head(hidden, labels)`` and again for its backward, exactly as they do for an
+ordinary ``nn.Linear`` head. Tied embeddings stay tied (the head holds the embedding Parameter
+itself) and the state-dict keys do not change (``lm_head.weight`` ...). Called without labels the head
+returns logits like the ``nn.Linear`` it replaced, so generation and the normal forward still work.
+
+Install the head before ``deepspeed.initialize`` (the hooks are registered there), then call the model
+through a module that the engine runs (:class:`CausalLMLogprobs`), so the backbone and the head both
+run inside ``engine(...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .linear import linear_sequence_logprobs, linear_token_logprobs
+from .logprobs import SequenceLogprobs, TokenLogprobs, sequence_logprobs, token_logprobs
+
+LOGITS_MODES = ("chunked", "logits")
+REDUCTIONS = ("sequence", "token")
+
+
+class LMHeadLogprobs(nn.Module):
+    """Output layer that returns logits (``head(hidden)``) or, given labels, log-probs and entropies
+    computed chunk by chunk without the logits (``head(hidden, labels)``).
+
+    Args:
+        weight: the output-layer weight [V, H] (the embedding matrix with tied embeddings): the
+            Parameter itself is registered here, not a copy.
+        bias: optional output-layer bias [V].
+        chunk_size, backend: defaults passed to :func:`linear_sequence_logprobs`.
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None = None, *, chunk_size: int | None = None,
+                 backend: str | None = None) -> None:
+        super().__init__()
+        self.weight = weight
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = bias
+        self.chunk_size = chunk_size
+        self.backend = backend
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        reduction: str = "sequence",
+        chunk_size: int | None = None,
+        backend: str | None = None,
+    ) -> torch.Tensor | SequenceLogprobs | TokenLogprobs:
+        """``labels`` None: logits ``hidden @ weight.T + bias``. Otherwise ``hidden`` [B, T, H] and
+        ``labels`` [B, T] already aligned (the caller shifts) -> SequenceLogprobs (``reduction="sequence"``)
+        or TokenLogprobs (``reduction="token"``); ``chunk_size``/``backend`` None use the module's."""
+        if labels is None:
+            return F.linear(hidden, self.weight, self.bias)
+        kw = dict(bias=self.bias, ignore_index=ignore_index, temperature=temperature,
+                  chunk_size=self.chunk_size if chunk_size is None else chunk_size,
+                  backend=self.backend if backend is None else backend)
+        if reduction == "sequence":
+            return linear_sequence_logprobs(hidden, self.weight, labels, **kw)
+        if reduction == "token":
+            return linear_token_logprobs(hidden, self.weight, labels, **kw)
+        raise ValueError(f"LMHeadLogprobs: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _check_plain_linear_head(model: nn.Module) -> None:
+    # Heads that transform the logits after the matmul would silently give other numbers here.
+    config = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(
+                f"logits_mode='chunked' needs a plain linear output layer, but the model config sets "
+                f"{attr}={value!r}; use logits_mode='logits' for this model"
+            )
+
+
+def install_lm_head_logprobs(model: nn.Module, *, chunk_size: int | None = None,
+                             backend: str | None = None) -> LMHeadLogprobs:
+    """Replace ``model``'s output layer (``get_output_embeddings()``) by an :class:`LMHeadLogprobs`
+    holding the same weight/bias Parameters. Idempotent; call it before ``deepspeed.initialize``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, LMHeadLogprobs):
+        return head
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.dim() != 2:
+        raise TypeError(
+            f"install_lm_head_logprobs: expected a model whose get_output_embeddings() is a linear layer "
+            f"with a [V, H] weight, got {type(head).__name__} on {type(model).__name__}"
+        )
+    _check_plain_linear_head(model)
+    new = LMHeadLogprobs(head.weight, getattr(head, "bias", None), chunk_size=chunk_size, backend=backend)
+    model.set_output_embeddings(new)
+    return new
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack producing the final (normed) hidden states: ``model.model`` for Llama-style
+    models, else ``get_decoder()``."""
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module):
+        return inner
+    if hasattr(model, "get_decoder"):
+        return model.get_decoder()
+    raise TypeError(f"cannot find the backbone of {type(model).__name__}: expected .model or get_decoder()")
+
+
+def model_sequence_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    logits_mode: str = "chunked",
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+    reduction: str = "sequence",
+    **model_kwargs,
+) -> SequenceLogprobs | TokenLogprobs:
+    """Log-probs of ``labels`` under a causal LM, by either path.
+
+    Args:
+        model: a Hugging Face causal LM (``LlamaForCausalLM`` and alike).
+        input_ids, attention_mask: [B, T] model inputs.
+        labels: [B, T] aligned with ``input_ids`` (not shifted; -100 on prompt and padding): position
+            t predicts ``labels[:, t + 1]``, the shift is done here.
+        logits_mode: "chunked" (backbone + the output layer applied chunk by chunk: the [B, T, V]
+            logits never exist) or "logits" (the model's forward, then :func:`sequence_logprobs`).
+        reduction: "sequence" -> SequenceLogprobs [B]; "token" -> TokenLogprobs [B, T - 1] (packed rows).
+        model_kwargs: passed to the model/backbone (e.g. ``position_ids`` of packed rows).
+
+    Under ZeRO-3 call :func:`install_lm_head_logprobs` before ``deepspeed.initialize`` and run this
+    inside the engine's forward (:class:`CausalLMLogprobs`).
+    """
+    if logits_mode not in LOGITS_MODES:
+        raise ValueError(f"logits_mode must be one of {LOGITS_MODES}, got {logits_mode!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    shifted = labels[:, 1:]
+    kw = dict(ignore_index=ignore_index, temperature=temperature, backend=backend)
+    if logits_mode == "logits":
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs).logits
+        fn = sequence_logprobs if reduction == "sequence" else token_logprobs
+        return fn(logits[:, :-1], shifted, **kw)
+    _check_plain_linear_head(model)
+    out = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    head = model.get_output_embeddings()
+    if isinstance(head, LMHeadLogprobs):
+        # Through the module call, so ZeRO-3's hooks gather the weight for forward and backward.
+        return head(hidden[:, :-1], shifted, reduction=reduction, chunk_size=chunk_size, **kw)
+    fn = linear_sequence_logprobs if reduction == "sequence" else linear_token_logprobs
+    return fn(hidden[:, :-1], head.weight, shifted, bias=getattr(head, "bias", None), chunk_size=chunk_size, **kw)
+
+
+class CausalLMLogprobs(nn.Module):
+    """The module to hand to ``deepspeed.initialize``: ``forward(input_ids, attention_mask, labels)``
+    -> :func:`model_sequence_logprobs` of the wrapped causal LM, so that the backbone and the output
+    layer both run inside ``engine(...)``. With ``logits_mode="chunked"`` the model's output layer is
+    replaced by :class:`LMHeadLogprobs` (same Parameters, same state-dict keys under ``model.``).
+
+    The wrapped model stays reachable as ``.model`` (e.g. for ``save_pretrained``).
+    """
+
+    def __init__(self, model: nn.Module, *, logits_mode: str = "chunked", chunk_size: int | None = None,
+                 backend: str | None = None) -> None:
+        super().__init__()
+        if logits_mode not in LOGITS_MODES:
+            raise ValueError(f"logits_mode must be one of {LOGITS_MODES}, got {logits_mode!r}")
+        self.model = model
+        self.logits_mode = logits_mode
+        self.chunk_size = chunk_size
+        self.backend = backend
+        if logits_mode == "chunked":
+            install_lm_head_logprobs(model, chunk_size=chunk_size, backend=backend)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, *, ignore_index: int = -100, temperature: float = 1.0,
+                reduction: str = "sequence", **model_kwargs) -> SequenceLogprobs | TokenLogprobs:
+        if labels is None:
+            raise ValueError("CausalLMLogprobs.forward: labels [B, T] (aligned with input_ids) are required")
+        return model_sequence_logprobs(
+            self.model, input_ids, attention_mask, labels, logits_mode=self.logits_mode,
+            ignore_index=ignore_index, temperature=temperature, chunk_size=self.chunk_size,
+            backend=self.backend, reduction=reduction, **model_kwargs,
+        )
