@@ -1,0 +1,1 @@
+"""Benchmarks of mallowspo-fast: speed and memory against the reference path and peers."""

@@ -1,0 +1,98 @@
+"""Run the whole suite on the device found: ``python -m benchmarks [--quick] [--out DIR]``.
+
+Subjects: the op (forward, backward, forward+backward), a preference-loss step, a small-model train
+step, and the projection for sm_80 / sm_90. Shapes default to the GPU sweep of the issue on CUDA
+(V = 32000, 128256, 151936, 256000; bf16 and fp32) and to CPU-sized shapes on CPU. ``--quick`` uses tiny
+shapes and few repeats: a smoke run that checks everything works, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from . import loss_step, op, projection, train_step
+from .harness import default_device, log
+from .providers import PROVIDERS
+from .report import write_report
+
+SUBJECTS = ("op", "loss_step", "train_step", "projection")
+
+
+def plan(device: str, quick: bool) -> dict:
+    """Shapes and repeats per subject for this device and mode."""
+    cuda = device.startswith("cuda")
+    if quick:
+        return {
+            "op": dict(ns=[256], vocabs=[2048], dtypes=["fp32"], warmup=1, repeats=3),
+            "loss_step": dict(batch=2, seq=64, vocabs=[2048], dtypes=["fp32"], warmup=1, repeats=3),
+            "train_step": dict(model="llama-tiny", batch=1, seq=32, vocab=2048, dtype="fp32", warmup=1,
+                               repeats=2),
+            "projection": dict(ns=[8192], vocabs=[32000], dtypes=["bf16"], archs=[90]),
+        }
+    if cuda:
+        return {
+            "op": dict(ns=[8192, 16384], vocabs=[32000, 128256, 151936, 256000], dtypes=["bf16", "fp32"],
+                       warmup=10, repeats=50),
+            "loss_step": dict(batch=4, seq=1024, vocabs=[32000, 128256], dtypes=["bf16"], warmup=10,
+                              repeats=30),
+            "train_step": dict(model="llama-small", batch=8, seq=1024, vocab=128256, dtype="bf16", warmup=3,
+                               repeats=20),
+            "projection": dict(ns=[8192, 16384], vocabs=list(projection.VOCABS), dtypes=["bf16"],
+                               archs=[80, 90]),
+        }
+    return {
+        "op": dict(ns=[2048], vocabs=[8192, 32000], dtypes=["fp32"], warmup=2, repeats=10),
+        "loss_step": dict(batch=2, seq=512, vocabs=[32000], dtypes=["fp32"], warmup=2, repeats=10),
+        "train_step": dict(model="llama-tiny", batch=2, seq=256, vocab=32000, dtype="fp32", warmup=1,
+                           repeats=5),
+        "projection": dict(ns=[8192, 16384], vocabs=list(projection.VOCABS), dtypes=["bf16"], archs=[80, 90]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: checks everything runs")
+    p.add_argument("--out", default="bench_results", help="output folder (git-ignored by default)")
+    p.add_argument("--subjects", nargs="+", choices=SUBJECTS, default=list(SUBJECTS))
+    p.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
+    p.add_argument("--passes", nargs="+", choices=op.PASSES, default=list(op.PASSES))
+    p.add_argument("--no-compile", action="store_true", help="projection: skip the AOT kernel compilation")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per case (default: torch's; 1 is steadier on a shared machine)")
+    args = p.parse_args(argv)
+    cfg = plan(args.device, args.quick)
+    run_options = {"threads": args.threads} if args.threads else {}
+
+    t0 = time.perf_counter()
+    sections, extra = {}, {}
+    if "op" in args.subjects:
+        c = cfg["op"]
+        sections["op"] = op.sweep(args.device, c["ns"], c["vocabs"], c["dtypes"], args.passes, args.providers,
+                                  c["warmup"], c["repeats"], log=log, **run_options)
+    if "loss_step" in args.subjects:
+        c = cfg["loss_step"]
+        sections["loss_step"] = loss_step.sweep(args.device, c["batch"], c["seq"], c["vocabs"], c["dtypes"],
+                                                list(loss_step.LOSSES), args.providers, c["warmup"],
+                                                c["repeats"], log=log, **run_options)
+    if "train_step" in args.subjects:
+        c = cfg["train_step"]
+        providers = [x for x in args.providers if x in train_step.PROVIDERS and x != "compiled"]
+        sections["train_step"] = train_step.sweep(args.device, c["model"], c["batch"], c["seq"], c["vocab"],
+                                                  c["dtype"], list(train_step.LOSSES), providers, c["warmup"],
+                                                  c["repeats"], log=log, **run_options)
+    if "projection" in args.subjects:
+        c = cfg["projection"]
+        log("  projection (ahead-of-time compilation)")
+        extra["projection"] = projection.projection_markdown(c["ns"], c["vocabs"], c["dtypes"], c["archs"],
+                                                             compile_kernels=not args.no_compile)
+    print(write_report(sections, args.device, args.out, extra, plots=not args.no_plots, threads=args.threads))
+    log(f"done in {time.perf_counter() - t0:.0f} s; results in {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The fused op alone: forward, backward and forward+backward of the per-token log-prob + entropy.
+
+Byte formula (KERNELS.md §2), with L = N·V·element_size of the logits:
+
+* forward reads every logit once:                         bytes = L
+* backward reads every logit and writes its gradient:     bytes = 2·L
+* forward + backward:                                     bytes = 3·L
+
+These are the bytes any implementation must move (the physical floor); "model bandwidth" is that
+count divided by the measured time, so an implementation that moves more bytes shows a lower figure.
+
+Usage::
+
+    python -m benchmarks.op --device cpu --n 4096 --vocab 32000 --dtype fp32 --pass fwdbwd
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import torch
+
+from .harness import DTYPES, Case, Result, default_device, log, run_isolated
+from .providers import PROVIDERS, availability, token_fn
+from .report import write_report
+
+PASSES = ("fwd", "bwd", "fwdbwd")
+BYTES_FACTOR = {"fwd": 1, "bwd": 2, "fwdbwd": 3}
+
+
+def logits_bytes(n: int, vocab: int, dtype: str) -> int:
+    return n * vocab * torch.tensor([], dtype=DTYPES[dtype]).element_size()
+
+
+def op_bytes(n: int, vocab: int, dtype: str, pass_: str) -> int:
+    """Model bytes of one pass over N unmasked tokens (see the module docstring)."""
+    return BYTES_FACTOR[pass_] * logits_bytes(n, vocab, dtype)
+
+
+def make_inputs(n: int, vocab: int, dtype: str, device: str, seed: int = 0):
+    """Logits [N, V] (requires grad), labels [N], upstream grads of logp and entropy [N] fp32."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # Spread like real LM logits (std ~2) so that exp() work is representative.
+    logits = (2.0 * torch.randn(n, vocab, generator=gen)).to(device=device, dtype=DTYPES[dtype])
+    labels = torch.randint(0, vocab, (n,), generator=gen).to(device)
+    grad_logp = torch.randn(n, generator=gen).to(device)
+    grad_entropy = torch.randn(n, generator=gen).to(device)
+    return logits.requires_grad_(True), labels, grad_logp, grad_entropy
+
+
+def build_case(spec: dict[str, Any]) -> Case:
+    device, pass_ = spec["device"], spec["pass"]
+    fn = token_fn(spec["provider"], device)
+    logits, labels, g, h = make_inputs(spec["n"], spec["vocab"], spec["dtype"], device, spec.get("seed", 0))
+
+    def loss_of(logp, entropy):
+        loss = (logp * g).sum()
+        return loss + (entropy * h).sum() if entropy is not None else loss
+
+    def clear_grad():
+        logits.grad = None
+
+    if pass_ == "fwd":
+        setup = clear_grad
+        run = lambda _: fn(logits, labels)  # noqa: E731  (keeps the graph alive: a training forward)
+    elif pass_ == "bwd":
+        def setup():
+            clear_grad()
+            return loss_of(*fn(logits, labels))
+
+        run = lambda loss: loss.backward()  # noqa: E731
+    elif pass_ == "fwdbwd":
+        setup = clear_grad
+        run = lambda _: loss_of(*fn(logits, labels)).backward()  # noqa: E731
+    else:
+        raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")
+    n, v, dt = spec["n"], spec["vocab"], spec["dtype"]
+    # Every token is unmasked here: the byte formula counts all N rows.
+    return Case(run, setup, clear_grad, bytes_moved=op_bytes(n, v, dt, pass_), tokens=n,
+                input_bytes=logits_bytes(n, v, dt))
+
+
+def sweep(
+    device: str,
+    ns: list[int],
+    vocabs: list[int],
+    dtypes: list[str],
+    passes: list[str],
+    providers: list[str],
+    warmup: int,
+    repeats: int,
+    memory: bool = True,
+    log=log,
+    threads: int | None = None,
+) -> list[Result]:
+    results = []
+    for pass_ in passes:
+        for dtype in dtypes:
+            for n in ns:
+                for vocab in vocabs:
+                    for provider in providers:
+                        spec = {"subject": "op", "device": device, "provider": provider, "pass": pass_,
+                                "n": n, "vocab": vocab, "dtype": dtype, "warmup": warmup, "repeats": repeats,
+                                "memory": memory, "threads": threads}
+                        missing = availability(provider, device)
+                        r = Result(spec, missing[0], notes=missing[1]) if missing else run_isolated(spec)
+                        log(f"  op {pass_:6s} N={n:<6d} V={vocab:<7d} {dtype} {provider:9s} {r.status:13s} "
+                            + (f"{r.median_ms:10.2f} ms" if r.median_ms is not None else r.notes))
+                        results.append(r)
+    return results
+
+
+def add_sweep_args(p: argparse.ArgumentParser, device: str) -> None:
+    cuda = device.startswith("cuda")
+    p.add_argument("--n", type=int, nargs="+", default=[8192] if cuda else [4096], help="tokens N")
+    p.add_argument("--vocab", type=int, nargs="+",
+                   default=[32000, 128256, 151936, 256000] if cuda else [32000, 128256])
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["bf16"] if cuda else ["fp32"])
+    p.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
+    p.add_argument("--warmup", type=int, default=10 if cuda else 2)
+    p.add_argument("--repeats", type=int, default=50 if cuda else 10)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per case (default: torch's)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", default=default_device())
+    device = pre.parse_known_args(argv)[0].device
+    p = argparse.ArgumentParser(description="Benchmark the fused log-prob / entropy op", parents=[pre])
+    add_sweep_args(p, device)
+    p.add_argument("--pass", dest="passes", nargs="+", choices=PASSES, default=list(PASSES))
+    p.add_argument("--out", default="bench_results", help="output folder (table, CSV, plot)")
+    args = p.parse_args(argv)
+    results = sweep(device, args.n, args.vocab, args.dtype, args.passes, args.providers, args.warmup,
+                    args.repeats, memory=not args.no_memory, threads=args.threads)
+    print(write_report({"op": results}, device, args.out, threads=args.threads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

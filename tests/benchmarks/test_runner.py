@@ -1,0 +1,192 @@
+"""The benchmark runner works end to end on tiny shapes (no timing assertions: figures are noise here)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import loss_step, op, projection, train_step
+from benchmarks.harness import MemoryProbe, Result, peak_bandwidth_gbs, run_in_process, summarize
+from benchmarks.providers import availability
+from benchmarks.report import markdown_table, rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+# ------------------------------------------------------------------------------------------- harness
+
+
+def test_summary_is_median_and_20_80_percentiles():
+    t = summarize([5.0, 1.0, 4.0, 2.0, 3.0, 10.0, 6.0, 7.0, 8.0, 9.0, 0.0])
+    assert (t.median_ms, t.p20_ms, t.p80_ms, t.samples) == (5.0, 2.0, 8.0, 11)
+
+
+def test_summary_of_one_sample():
+    t = summarize([3.5])
+    assert (t.median_ms, t.p20_ms, t.p80_ms) == (3.5, 3.5, 3.5)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS needs Linux /proc")
+def test_memory_probe_sees_a_known_allocation_and_ignores_earlier_peaks():
+    before = torch.ones(64 * 2**20 // 4)  # an earlier 64 MiB peak that must not count
+    del before
+    probe = MemoryProbe("cpu")
+    probe.start()
+    x = torch.ones(96 * 2**20 // 4)  # 96 MiB, touched by the fill
+    extra = probe.extra_peak_bytes()
+    del x
+    assert 90 * 2**20 <= extra <= 130 * 2**20, extra / 2**20
+
+
+@pytest.mark.parametrize("name,gbs", [("NVIDIA H100 80GB HBM3", 3350.0), ("NVIDIA H100 PCIe", 2000.0),
+                                      ("NVIDIA A100-SXM4-80GB", 2039.0), ("NVIDIA H200", 4800.0),
+                                      ("NVIDIA L4", 300.0), ("NVIDIA GeForce RTX 4090", 1008.0),
+                                      ("Some Future GPU", None)])
+def test_peak_bandwidth_lookup(name, gbs):
+    assert peak_bandwidth_gbs(name) == gbs
+
+
+# ------------------------------------------------------------------------------------ byte formulas
+
+
+def test_op_byte_formula_counts_logits_once_per_read_and_write():
+    n, v = 1000, 777
+    assert op.op_bytes(n, v, "bf16", "fwd") == n * v * 2
+    assert op.op_bytes(n, v, "fp32", "bwd") == 2 * n * v * 4
+    assert op.op_bytes(n, v, "fp32", "fwdbwd") == 3 * n * v * 4
+
+
+@pytest.mark.parametrize("n,v,fwd,bwd,total", [(8192, 128256, 0.63, 1.25, 1.88),
+                                               (16384, 151936, 1.49, 2.97, 4.46),
+                                               (16384, 256000, 2.50, 5.01, 7.51)])
+def test_roofline_floor_matches_the_kernels_spec_table(n, v, fwd, bwd, total):
+    f = projection.floor_ms(n, v, "bf16", projection.peak_by_name("H100 SXM"))
+    assert (round(f["fwd"], 2), round(f["bwd"], 2), round(f["fwdbwd"], 2)) == (fwd, bwd, total)
+
+
+def test_roofline_table_is_labelled_as_projection():
+    md = projection.roofline_table([8192], [32000], ["bf16"], devices=("H100 SXM", "L4"))
+    assert md.startswith("**Projection, not a measurement**")
+    assert md.count("\n| H100 SXM |") == 1 and md.count("\n| L4 |") == 1
+
+
+# --------------------------------------------------------------------------------------- the cases
+
+
+@pytest.mark.parametrize("pass_", op.PASSES)
+def test_op_case_runs_every_pass_with_its_byte_count(pass_):
+    spec = {"subject": "op", "device": "cpu", "provider": "ours", "pass": pass_, "n": 12, "vocab": 50,
+            "dtype": "fp32", "warmup": 1, "repeats": 2}
+    r = run_in_process(op.build_case(spec), spec)
+    assert r.status == "ok" and r.samples == 2 and r.p20_ms <= r.median_ms <= r.p80_ms
+    assert r.bytes_moved == op.op_bytes(12, 50, "fp32", pass_) and r.input_bytes == 12 * 50 * 4
+
+
+@pytest.mark.parametrize("loss", loss_step.LOSSES)
+@pytest.mark.parametrize("provider", ["ours", "reference"])
+def test_loss_step_case_runs(provider, loss):
+    spec = {"subject": "loss_step", "device": "cpu", "provider": provider, "loss": loss, "batch": 2,
+            "seq": 16, "vocab": 40, "dtype": "fp32", "warmup": 0, "repeats": 1, "memory": False}
+    r = run_in_process(loss_step.build_case(spec), spec)
+    assert r.status == "ok" and 0 < r.tokens < 4 * 16  # prompt and padding are masked
+
+
+def test_loss_step_batch_masks_prompt_and_padding():
+    logits, labels, ref_w, ref_l = loss_step.make_batch(3, 20, 30, "fp32", "cpu")
+    assert logits.shape == (6, 20, 30) and ref_w.shape == ref_l.shape == (3,)
+    assert (labels[:, :5] == -100).all() and ((labels[:, 5:] >= 0) & (labels[:, 5:] < 30)).any()
+
+
+def test_train_step_case_changes_the_weights(monkeypatch):
+    made = []
+
+    def make_model(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    real = train_step.make_model
+    monkeypatch.setattr(train_step, "make_model", make_model)
+    spec = {"subject": "train_step", "device": "cpu", "provider": "ours", "model": "llama-tiny",
+            "loss": "sigmoid", "batch": 1, "seq": 8, "vocab": 64, "dtype": "fp32", "warmup": 0, "repeats": 1,
+            "memory": False}
+    case = train_step.build_case(spec)
+    before = made[0].lm_head.weight.detach().clone()
+    r = run_in_process(case, spec)
+    assert r.status == "ok" and r.tokens == 2 * 8
+    assert not torch.equal(before, made[0].lm_head.weight)
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def _result(provider, ms, peak, status="ok"):
+    spec = {"provider": provider, "pass": "fwdbwd", "n": 8, "vocab": 16, "dtype": "fp32", "device": "cpu"}
+    return Result(spec, status, ms, ms, ms, 1, peak, 1000, 3000.0, 8)
+
+
+def test_ratios_are_against_the_reference_and_compiled_of_the_same_shape():
+    res = [_result("ours", 1.0, 500), _result("reference", 4.0, 2000), _result("compiled", 2.0, 1000),
+           _result("trl", None, None, status="not installed")]
+    table = {r["provider"]: r for r in rows(res, "cpu")}
+    assert table["ours"]["speedup_vs_reference"] == 4.0 and table["ours"]["speedup_vs_compiled"] == 2.0
+    assert table["ours"]["memory_vs_reference"] == 0.25 and table["ours"]["extra_peak_x_logits"] == 0.5
+    assert table["ours"]["gbs"] == pytest.approx(3000.0 / 1e-3 / 1e9)
+    assert table["trl"]["speedup_vs_reference"] is None
+    md = markdown_table(list(table.values()))
+    assert "| trl | not installed" in md and "4.00×" in md
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def test_op_command_writes_table_csv_plot_and_header(tmp_path):
+    proc = _run("benchmarks.op", "--device", "cpu", "--n", "64", "--vocab", "300", "600", "--dtype", "fp32",
+                "--pass", "fwdbwd", "--providers", "ours", "trl", "liger",
+                "--warmup", "0", "--repeats", "2", "--out", str(tmp_path))
+    text = proc.stdout
+    for key in ("- device:", "- torch:", "- triton:", "- date:"):
+        assert key in text
+    assert "| trl | not installed" in text and "| liger (log-prob only) | not installed" in text
+    with open(tmp_path / "op.csv") as f:
+        table = list(csv.DictReader(f))
+    ok = [r for r in table if r["status"] == "ok"]
+    expected = {("ours", "300"), ("ours", "600")}
+    assert {(r["provider"], r["vocab"]) for r in ok} == expected
+    for r in ok:
+        assert float(r["extra_peak_mb"]) >= 0 and float(r["gbs"]) > 0 and float(r["cpu_median_ms"]) > 0
+    assert (tmp_path / "op.png").stat().st_size > 0 and (tmp_path / "results.md").read_text() + "\n" == text
+
+
+def test_suite_quick_mode_runs_op_and_projection(tmp_path):
+    proc = _run("benchmarks", "--quick", "--device", "cpu", "--subjects", "op", "projection", "--providers",
+                "ours", "liger", "--passes", "fwdbwd", "--no-compile", "--out", str(tmp_path))
+    text = proc.stdout
+    assert "## op" in text and "| fwdbwd | 256 | 2048 | fp32 | ours | " in text
+    status, reason = availability("liger", "cpu")  # never runnable on CPU: not installed, or CUDA-only
+    assert f"| liger (log-prob only) | {status}: {reason} |" in text
+    assert "**Projection, not a measurement**" in text and "| H100 SXM | 3,350 | 8192 | 32000 | bf16 |" in text
+    assert sorted(os.listdir(tmp_path)) == ["op.csv", "op.png", "results.md"]
+
+
+@pytest.mark.slow
+def test_suite_quick_mode_runs_every_subject(tmp_path):
+    proc = _run("benchmarks", "--quick", "--device", "cpu", "--out", str(tmp_path), timeout=900)
+    for section in ("## op", "## loss_step", "## train_step", "## projection", "| sequence_reduce | 90 |"):
+        assert section in proc.stdout
+    for subject in ("op", "loss_step", "train_step"):
+        with open(tmp_path / f"{subject}.csv") as f:
+            assert any(r["status"] == "ok" for r in csv.DictReader(f))
