@@ -1,0 +1,296 @@
+"""The training recipe: data, optional SFT warm-up, reference pass, the loop, checkpoints, export.
+
+One readable loop. Per optimizer step and per micro-batch: collate (chosen rows then rejected rows) ->
+one forward over the 2B rows -> fused log-prob / entropy op -> loss -> ``engine.backward`` (DeepSpeed
+divides by the accumulation steps) -> ``engine.step`` (a real update only at the accumulation boundary).
+The host reads values only at logging, eval and save steps.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import data as D
+from . import batches as B
+from . import checkpoint as C
+from .config import TrainConfig
+from .export import export_hf
+from .launch import DistState, any_rank, barrier, init_distributed, max_over_ranks
+from .logs import CURVES_FILE, MetricLogger, peak_memory_mb, plot_curves
+from .model import build_model, inference_engine, policy_engine
+from .reference import LiveReference, ReferenceTable, cache_key, load_or_compute, model_identity
+from .step import (
+    backend_arg,
+    chosen_rows,
+    forward_logprobs,
+    metrics_from_examples,
+    preference_batch_loss,
+    sft_batch_loss,
+    to_device,
+)
+
+logger = logging.getLogger("mallowspo_fast.trainer")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced (returned on every rank; paths are shared)."""
+
+    output_dir: str
+    step: int
+    total_steps: int
+    model_dir: str | None = None
+    checkpoint_dir: str | None = None
+    metrics_path: str | None = None
+    curves_path: str | None = None
+    phi_star: float | None = None
+    stopped_by: str | None = None
+    seconds: float = 0.0
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    history: list[float] = field(default_factory=list)  # training loss at each logging step
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _grad_norm(engine: Any) -> float | None:
+    value = engine.get_global_grad_norm()
+    return None if value is None else float(value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SFT warm-up (a separate short phase whose exported model becomes policy and reference)
+def sft_warmup(cfg: TrainConfig, state: DistState, tokenizer: Any, train_ds: Any, collator: Any,
+               source: str | None) -> str:
+    out_dir = Path(cfg.output_dir) / "sft_warmup"
+    ident = model_identity(source, cfg.model_config if source is None else None, cfg.seed)
+    key = hashlib.sha256(json.dumps({
+        "model": ident, "data": B.dataset_fingerprint(train_ds), "steps": cfg.sft_warmup_steps,
+        "lr": cfg.sft_learning_rate, "batch": [cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                                               state.world_size], "seed": cfg.seed, "bf16": cfg.bf16,
+        "warmup": [cfg.warmup_ratio, cfg.warmup_steps],
+    }, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    key_file = out_dir / "sft_warmup_key.txt"
+    if key_file.is_file() and key_file.read_text().strip() == key:
+        logger.info("SFT warm-up: reusing %s", out_dir)
+        return str(out_dir)
+    MetricLogger.start_sft_log(cfg, state)
+    steps = cfg.sft_warmup_steps
+    engine = policy_engine(cfg, state, build_model(cfg, source, tokenizer), steps,
+                           learning_rate=cfg.sft_learning_rate, scheduler="cosine")
+    order = B.TrainOrder(len(train_ds), cfg.per_device_train_batch_size, state.world_size,
+                         cfg.gradient_accumulation_steps, cfg.seed + 7919)
+    log = MetricLogger(cfg, state, steps, 0, resumed=True, desc="SFT warm-up")
+    for step in range(steps):
+        epoch, s = divmod(step, order.steps_per_epoch)
+        for m in range(cfg.gradient_accumulation_steps):
+            batch = to_device(collator(B.rows(train_ds, order.micro_batch(epoch, s, m, state.rank))), state.device)
+            loss = sft_batch_loss(forward_logprobs(engine, chosen_rows(batch), backend=backend_arg(cfg)))
+            engine.backward(loss)
+            engine.step()
+            log.accumulate({"sft_loss": loss.detach().float()}, batch["attention_mask"].sum())
+        log.advance()
+        if (step + 1) % cfg.logging_steps == 0 or step + 1 == steps:
+            log.log_train(step + 1, (step + 1) / order.steps_per_epoch, {"phase": "sft"})
+    log.close()
+    export_hf(engine, tokenizer, out_dir, state)
+    if state.is_main:
+        key_file.write_text(key + "\n")
+    barrier(state)
+    del engine
+    gc.collect()
+    return str(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference
+@dataclass
+class Reference:
+    train: ReferenceTable | None = None
+    eval: ReferenceTable | None = None
+    live: LiveReference | None = None
+    phi_star: float | None = None
+
+    def batch(self, batch: dict[str, torch.Tensor], split: str, device: torch.device) -> Any:
+        if self.live is not None:
+            return self.live(batch)
+        table = self.train if split == "train" else self.eval
+        return None if table is None else table.batch(batch["index"], device)
+
+
+def setup_reference(cfg: TrainConfig, state: DistState, engine: Any, tokenizer: Any, train_ds: Any,
+                    eval_ds: Any, collator: Any, source: str | None) -> Reference:
+    """Precompute (cached) or build the live reference; resolve phi_star. Runs before any policy update,
+    so with no ref_model_name_or_path the policy engine itself is the reference for the pass."""
+    if not cfg.needs_reference:
+        return Reference()
+    ref_source = cfg.ref_model_name_or_path or source
+    ident = model_identity(ref_source, cfg.model_config if ref_source is None else None, cfg.seed)
+    separate: list[Any] = []
+
+    def ref_model() -> Any:
+        if cfg.precompute_ref_log_probs and cfg.ref_model_name_or_path is None:
+            return engine
+        if not separate:
+            separate.append(inference_engine(cfg, state, build_model(cfg, ref_source, tokenizer)))
+        return separate[0]
+
+    ref = Reference()
+    wants_table = cfg.precompute_ref_log_probs or cfg.phi_star == "auto"
+    def table(ds: Any, split: str) -> ReferenceTable:
+        key = cache_key(cfg, ident, B.dataset_fingerprint(ds), split)
+        return load_or_compute(ref_model, ds, collator, cfg, state, key, f"reference ({split})")
+
+    if wants_table:
+        ref.train = table(train_ds, "train")
+    if cfg.precompute_ref_log_probs and eval_ds is not None:
+        ref.eval = table(eval_ds, "eval")
+    if cfg.phi_star == "auto":
+        ref.phi_star = ref.train.auto_phi_star()
+        logger.info("phi_star=auto resolved to %.6f over %d training pairs", ref.phi_star, len(train_ds))
+    else:
+        ref.phi_star = float(cfg.phi_star)
+    if not cfg.precompute_ref_log_probs:
+        ref.live = LiveReference(ref_model(), cfg)
+        ref.train = None  # only computed for phi_star
+    elif separate:
+        separate.clear()  # the reference engine is not needed during training
+        gc.collect()
+    return ref
+
+
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(cfg: TrainConfig, state: DistState, engine: Any, eval_ds: Any, collator: Any, ref: Reference) -> dict:
+    """Exact metrics over the whole eval split (sharded, padded shards masked out)."""
+    engine.eval()
+    sh = B.shard(len(eval_ds), cfg.per_device_eval_batch_size, state)
+    local: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for indices in sh.batches:
+        batch = to_device(collator(B.rows(eval_ds, indices)), state.device)
+        out = forward_logprobs(engine, batch, backend=backend_arg(cfg), logits_mean=True)
+        res = preference_batch_loss(cfg, out, ref.batch(batch, "eval", state.device), ref.phi_star)
+        for k, v in res.per_example.items():
+            local[k].append(v.float())
+    engine.train()
+    full = B.gather_examples(local, sh, state)
+    return {k: float(v) for k, v in metrics_from_examples(full).items()}
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run the recipe described by ``cfg`` (already validated) and return what it produced."""
+    t0 = time.perf_counter()
+    state = init_distributed()
+    set_seed(cfg.seed)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+
+    # --- data ---------------------------------------------------------------------------------------
+    raw_train, raw_eval = B.load_raw_splits(cfg)
+    tokenizer = B.load_tokenizer(cfg, state, raw_train)
+    train_ds = B.tokenize(cfg, raw_train, tokenizer)
+    eval_ds = B.tokenize(cfg, raw_eval, tokenizer) if raw_eval is not None else None
+    collator = D.PreferenceCollator(tokenizer.pad_token_id, cfg.pad_to_multiple_of)
+    order = B.TrainOrder(len(train_ds), cfg.per_device_train_batch_size, state.world_size,
+                         cfg.gradient_accumulation_steps, cfg.seed)
+    total = B.total_steps(cfg, order)
+
+    # --- model, reference, resume -------------------------------------------------------------------
+    source = cfg.model_name_or_path
+    if cfg.sft_warmup_steps > 0:
+        source = sft_warmup(cfg, state, tokenizer, train_ds, collator, source)
+    set_seed(cfg.seed)
+    engine = policy_engine(cfg, state, build_model(cfg, source, tokenizer), total)
+    ref = setup_reference(cfg, state, engine, tokenizer, train_ds, eval_ds, collator, source)
+    step, num_tokens = 0, 0
+    resume = C.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+    if resume is not None:
+        client = C.load(engine, resume, state)
+        saved = client.get("order", {})
+        if saved.get("global_batch") != order.global_batch or saved.get("n") != order.n:
+            raise ValueError(
+                f"{resume} was saved with a global batch of {saved.get('global_batch')} over {saved.get('n')} "
+                f"pairs; this run has {order.global_batch} over {order.n}. Resume with the same data, world "
+                "size, per_device_train_batch_size and gradient_accumulation_steps")
+        step, num_tokens = int(client["step"]), int(client.get("num_tokens", 0))
+        logger.info("resumed from %s at step %d", resume, step)
+
+    # --- loop ---------------------------------------------------------------------------------------
+    log = MetricLogger(cfg, state, total, step, resumed=resume is not None, num_tokens=num_tokens)
+    result = TrainResult(cfg.output_dir, step, total, metrics_path=str(log.path), phi_star=ref.phi_star)
+    saved_at = evaluated_at = -1
+    engine.train()
+
+    def client_state() -> dict[str, Any]:
+        epoch, s = divmod(step, order.steps_per_epoch)
+        return {"step": step, "epoch": epoch, "step_in_epoch": s, "consumed_samples": step * order.global_batch,
+                "num_tokens": log.num_tokens, "phi_star": ref.phi_star, "world_size": state.world_size,
+                "order": {"seed": cfg.seed, "global_batch": order.global_batch, "n": order.n}}
+
+    with C.StopSignal() as stop:
+        while step < total:
+            epoch, s = divmod(step, order.steps_per_epoch)
+            for m in range(cfg.gradient_accumulation_steps):
+                indices = order.micro_batch(epoch, s, m, state.rank)
+                batch = to_device(collator(B.rows(train_ds, indices)), state.device)
+                ref_batch = ref.batch(batch, "train", state.device)
+                out = forward_logprobs(engine, batch, backend=backend_arg(cfg), logits_mean=True)
+                res = preference_batch_loss(cfg, out, ref_batch, ref.phi_star)
+                engine.backward(res.loss)
+                engine.step()
+                log.accumulate(res.metrics, batch["attention_mask"].sum())
+            step += 1
+            log.advance()
+            if step % cfg.logging_steps == 0 or step == total:
+                rec = log.log_train(step, step / order.steps_per_epoch, {
+                    "grad_norm": _grad_norm(engine), "learning_rate": float(engine.get_lr()[0]),
+                    "peak_memory_mb": max_over_ranks(peak_memory_mb(state.device), state)})
+                result.history.append(rec["loss"])
+            if eval_ds is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
+                log.log_eval(step, step / order.steps_per_epoch, evaluate(cfg, state, engine, eval_ds, collator, ref))
+                evaluated_at = step
+            stopping = any_rank(stop.received is not None, state)
+            if stopping or (cfg.save_steps and step % cfg.save_steps == 0):
+                result.checkpoint_dir = str(C.save(engine, cfg.output_dir, step, client_state(), state,
+                                                   cfg.to_dict(), cfg.save_total_limit))
+                saved_at = step
+            if stopping:
+                result.stopped_by = stop.received or "a signal on another rank"
+                logger.warning("stopping at step %d (%s); checkpoint saved in %s", step, result.stopped_by,
+                               result.checkpoint_dir)
+                break
+
+    # --- end: eval, checkpoint, export, curves -----------------------------------------------------
+    if result.stopped_by is None:
+        if eval_ds is not None and evaluated_at != step:
+            log.log_eval(step, step / order.steps_per_epoch, evaluate(cfg, state, engine, eval_ds, collator, ref))
+        if saved_at != step:
+            result.checkpoint_dir = str(C.save(engine, cfg.output_dir, step, client_state(), state, cfg.to_dict(),
+                                               cfg.save_total_limit))
+        if cfg.export_model:
+            result.model_dir = str(export_hf(engine, tokenizer, cfg.output_dir, state))
+    log.close()
+    if cfg.plot_curves and state.is_main:
+        png = plot_curves(log.path, Path(cfg.output_dir) / CURVES_FILE)
+        result.curves_path = None if png is None else str(png)
+    result.step = step
+    result.train_metrics = {k: v for k, v in log.last.items() if isinstance(v, (int, float))}
+    result.eval_metrics = {k: v for k, v in log.last_eval.items() if isinstance(v, (int, float))}
+    result.seconds = time.perf_counter() - t0
+    barrier(state)
+    return result

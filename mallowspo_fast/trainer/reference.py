@@ -1,0 +1,156 @@
+"""The reference model: precomputed per-example values (cached on disk) or a live inference engine.
+
+Precompute: one pass over a split before training writes, per pair, the reference log-probs and mean
+token entropies of chosen and rejected (and the token counts). The pass runs on the policy engine itself
+before its first step (reference = initial policy) or on a temporary engine for ``ref_model_name_or_path``,
+so no reference model is held during training. Results are cached under ``ref_cache_dir`` keyed by a hash
+of the model identity, the tokenised data and the settings that change the values.
+
+Live: the reference has its own DeepSpeed inference engine (ZeRO-3 when training is ZeRO-3, parameters
+optionally offloaded to CPU) and runs one no-grad forward per training micro-batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import losses as L
+from . import batches as B
+from .config import TrainConfig
+from .launch import DistState, barrier
+from .step import ReferenceBatch, backend_arg, forward_logprobs, to_device
+
+logger = logging.getLogger("mallowspo_fast.trainer")
+_FIELDS = ("chosen_logps", "rejected_logps", "chosen_entropy", "rejected_entropy", "chosen_num_tokens",
+           "rejected_num_tokens")
+
+
+@dataclass
+class ReferenceTable:
+    """Reference values of every pair of a split, [N] each (float32; token counts int64)."""
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_entropy: torch.Tensor
+    rejected_entropy: torch.Tensor
+    chosen_num_tokens: torch.Tensor
+    rejected_num_tokens: torch.Tensor
+    vocab_size: int
+
+    def batch(self, index: torch.Tensor, device: torch.device) -> ReferenceBatch:
+        idx = index.cpu()
+        return ReferenceBatch(self.chosen_logps[idx].to(device), self.rejected_logps[idx].to(device),
+                              self.chosen_entropy[idx].to(device), self.rejected_entropy[idx].to(device),
+                              self.vocab_size)
+
+    def pair_entropy(self) -> torch.Tensor:
+        return L.pair_entropy(self.chosen_entropy, self.rejected_entropy, self.vocab_size)
+
+    def empty_pairs(self) -> torch.Tensor:
+        return L.empty_response_pairs(self.chosen_num_tokens, self.rejected_num_tokens)
+
+    def auto_phi_star(self) -> float:
+        """φ* making the mean dispersion weight 1 over this split (spec §2, phi_star='auto')."""
+        return L.auto_phi_star(self.pair_entropy(), empty_pairs=self.empty_pairs())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{f: getattr(self, f) for f in _FIELDS}, "vocab_size": self.vocab_size}
+
+
+def model_identity(source: str | None, model_config: dict | None, seed: int, init_state: str | None = None) -> dict:
+    """What determines the reference weights: a directory (with its weight files' sizes and times), or a
+    fresh config and seed."""
+    if source is not None:
+        ident: dict[str, Any] = {"source": os.path.abspath(source) if os.path.isdir(source) else source}
+        if os.path.isdir(source):
+            ident["files"] = sorted(
+                (f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in Path(source).iterdir()
+                if f.suffix in (".safetensors", ".bin", ".json") and f.is_file()
+            )
+        return ident
+    return {"model_config": model_config, "seed": seed, "init": init_state}
+
+
+def cache_key(cfg: TrainConfig, identity: dict, data_fingerprint: str, split: str) -> str:
+    settings = {
+        "model": identity, "data": data_fingerprint, "split": split, "bf16": cfg.bf16,
+        "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+        "truncation_mode": cfg.truncation_mode, "version": 1,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def compute_table(model: Any, ds: Any, collator: Any, cfg: TrainConfig, state: DistState,
+                  desc: str = "reference pass") -> ReferenceTable:
+    """Reference values for every row of ``ds`` (sharded over ranks, gathered on every rank)."""
+    was_training = model.training
+    model.eval()
+    sh = B.shard(len(ds), cfg.per_device_eval_batch_size, state)
+    local: dict[str, list[torch.Tensor]] = {f: [] for f in _FIELDS}
+    vocab = 0
+    bar = _progress(len(sh.batches), desc, cfg, state)
+    for indices in sh.batches:
+        batch = to_device(collator(B.rows(ds, indices)), state.device)
+        out = forward_logprobs(model, batch, backend=backend_arg(cfg))
+        vocab = out.vocab_size
+        for name, value in (("logps", out.logps), ("entropy", out.entropy), ("num_tokens", out.num_tokens)):
+            w, r = value.detach().chunk(2)
+            local[f"chosen_{name}"].append(w)
+            local[f"rejected_{name}"].append(r)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    model.train(was_training)
+    full = B.gather_examples(local, sh, state)
+    return ReferenceTable(**{f: full[f].float() if "num_tokens" not in f else full[f].long() for f in _FIELDS},
+                          vocab_size=vocab)
+
+
+def _progress(total: int, desc: str, cfg: TrainConfig, state: DistState) -> Any:
+    if cfg.disable_tqdm or not state.is_main:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def load_or_compute(model_fn: Any, ds: Any, collator: Any, cfg: TrainConfig, state: DistState, key: str,
+                    desc: str) -> ReferenceTable:
+    """The cached table for ``key``, or compute it with ``model_fn()`` and cache it (rank 0 writes)."""
+    path = Path(cfg.resolved_ref_cache_dir()) / f"reference_{key}.pt"
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if all(f in saved for f in _FIELDS) and len(saved["chosen_logps"]) == len(ds):
+            logger.info("reference values for %s loaded from %s", desc, path)
+            return ReferenceTable(**{f: saved[f] for f in _FIELDS}, vocab_size=int(saved["vocab_size"]))
+    table = compute_table(model_fn(), ds, collator, cfg, state, desc)
+    if state.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({**table.to_dict(), "vocab_size": torch.tensor(table.vocab_size)}, tmp)
+        os.replace(tmp, path)
+    barrier(state)
+    return table
+
+
+class LiveReference:
+    """A reference engine evaluated on each training batch (no gradients, no optimizer)."""
+
+    def __init__(self, engine: Any, cfg: TrainConfig) -> None:
+        self.engine = engine
+        self.backend = backend_arg(cfg)
+        self.engine.eval()
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor]) -> ReferenceBatch:
+        return ReferenceBatch.from_forward(forward_logprobs(self.engine, batch, backend=self.backend))

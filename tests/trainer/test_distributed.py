@@ -1,0 +1,91 @@
+"""Two CPU ranks under ZeRO-3 through the launchers (deepspeed; torchrun in the slow suite).
+
+The two-rank run must train (finite, decreasing loss on the memorisable set) and must equal the
+single-process run with the same global batch step by step: that checks the data sharding, the
+cross-rank metric averaging and the gradient reduction together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_helpers import tiny_overrides, train_losses
+
+from mallowspo_fast.trainer import load_config, train
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(command: list[str], timeout: int = 240) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # set by this test process's own single-rank group
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"launcher failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "done at step" in proc.stdout, proc.stdout[-2000:]
+
+
+def _config(pairs_file: Path, tokenizer_dir: Path, out: Path, per_device: int) -> dict:
+    return tiny_overrides(pairs_file, tokenizer_dir, out, max_steps=STEPS, per_device_train_batch_size=per_device,
+                          export_model=True, zero_stage=3)
+
+
+def _check_against_single_rank(two: Path, pairs_file: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    one = tmp_path / "one_rank"
+    train(load_config(None, _config(pairs_file, tokenizer_dir, one, per_device=4)))
+    got, want = train_losses(two), train_losses(one)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    losses = [got[s] for s in sorted(got)]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert sum(losses[-2:]) / 2 < losses[0] - 0.05, losses
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-5), step
+
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(two, dtype=torch.float32).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(one, dtype=torch.float32).state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def _write_yaml(cfg: dict, path: Path) -> Path:
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+@pytest.mark.distributed
+def test_two_rank_zero3_with_deepspeed_launcher(pairs_file: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    two = tmp_path / "two_ranks"
+    yaml_file = _write_yaml(_config(pairs_file, tokenizer_dir, two, per_device=2), tmp_path / "run.yaml")
+    launcher = Path(sys.executable).parent / "deepspeed"
+    _launch([str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
+             "mallowspo_fast.train", str(yaml_file)])
+    _check_against_single_rank(two, pairs_file, tokenizer_dir, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_rank_zero3_with_torchrun(pairs_file: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    two = tmp_path / "two_ranks"
+    yaml_file = _write_yaml(_config(pairs_file, tokenizer_dir, two, per_device=2), tmp_path / "run.yaml")
+    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+             str(_free_port()), "-m", "mallowspo_fast.train", str(yaml_file), "--zero_stage=3"])
+    _check_against_single_rank(two, pairs_file, tokenizer_dir, tmp_path)
