@@ -20,16 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from .logprobs import SequenceLogprobs, TokenLogprobs, check_labels_in_range, resolve_backend, token_logprobs
+from .torch_path import Workspace, _chunk_backward, _chunk_forward
 
-# Target size of one chunk of logits counted in fp32. On CPU the torch helpers keep three such
-# temporaries alive (forward: logits, shifted logits, exponentials; backward: logits, gradient,
-# probabilities), so 48 MiB bounds a step's extra memory near 150 MiB whatever N and V are, while a
-# chunk keeps enough rows for efficient matmuls (98 at V = 128256; fewer rows cost matmul speed). It is
-# also above glibc's largest dynamic mmap threshold (32 MiB): every chunk temporary is its own mapping,
-# returned to the OS when freed, instead of fragmenting the heap (chunks just under 32 MiB measured
-# 7 chunks of resident memory instead of 3). On accelerators the Triton kernels read the chunk in place
-# and write its gradient into the same buffer, and bigger chunks re-read the weight fewer times:
-# 256 MiB (512 rows at V = 128256).
+# Target size of one chunk of logits counted in fp32. On CPU the torch helpers keep a few such buffers
+# (logits, shifted logits, exponentials / probabilities), allocated once per call and reused by every
+# chunk (fresh chunk-sized allocations are new pages each time, and faulting them in cost as much as the
+# arithmetic), so 48 MiB bounds a step's extra memory near 100-150 MiB whatever N and V are, while a
+# chunk keeps enough rows for efficient matmuls (98 at V = 128256; fewer rows cost matmul speed). On
+# accelerators the Triton kernels read the chunk in place and write its gradient into the same buffer,
+# and bigger chunks re-read the weight fewer times: 256 MiB (512 rows at V = 128256).
 CHUNK_BYTES_CPU = 48 * 1024 * 1024
 CHUNK_BYTES_ACCELERATOR = 256 * 1024 * 1024
 
@@ -51,27 +50,32 @@ def _gather_rows(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return hidden[idx // seq, idx % seq]
 
 
-def _chunk_stats(backend, logits, labels, ignore_index, inv_temp):
+def _chunk_logits(hidden_rows, weight, bias, ws: Workspace) -> torch.Tensor:
+    """``hidden_rows @ weight.T + bias`` written into the workspace's logits buffer (slot 3)."""
+    out = ws.get(3, hidden_rows.shape[0], weight.shape[0], weight.dtype)
+    if bias is None:
+        return torch.mm(hidden_rows, weight.t(), out=out)
+    return torch.addmm(bias, hidden_rows, weight.t(), out=out)
+
+
+def _chunk_stats(backend, logits, labels, ignore_index, inv_temp, ws):
     """(logp, H, lse) fp32 [r] of a chunk of unmasked rows."""
     if backend == "torch":
-        from .torch_path import _chunk_forward
-
-        return _chunk_forward(logits, labels, torch.ones_like(labels, dtype=torch.bool), inv_temp)
+        return _chunk_forward(logits, labels, torch.ones_like(labels, dtype=torch.bool), inv_temp, ws)
     from .triton_path import _fwd
 
     logp, entropy, lse = _fwd(logits.unsqueeze(0), labels.unsqueeze(0), ignore_index, inv_temp)
     return logp[0], entropy[0], lse[0]
 
 
-def _chunk_grad(backend, logits, labels, lse, entropy, g, h, ignore_index, inv_temp):
+def _chunk_grad(backend, logits, labels, lse, entropy, g, h, ignore_index, inv_temp, ws):
     """dL/dlogits of a chunk of unmasked rows: fp32 (torch) or, written over ``logits``, in the logits
     dtype (Triton, in place: the recomputed chunk is ours and not needed afterwards)."""
     if backend == "torch":
-        from .torch_path import _chunk_backward
-
-        out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        # fp32 logits: the gradient overwrites them (each element is read before it is written).
+        out = logits if logits.dtype == torch.float32 else ws.get(2, *logits.shape)
         mask = torch.ones_like(labels, dtype=torch.bool)
-        return _chunk_backward(logits, out, labels, mask, lse, entropy, g, h, inv_temp)
+        return _chunk_backward(logits, out, labels, mask, lse, entropy, g, h, inv_temp, ws)
     from .triton_path import _bwd
 
     def row(t):
@@ -110,10 +114,11 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         rows = (labels != ignore_index).reshape(-1).nonzero().squeeze(1)
         flat_labels = labels.reshape(-1)
         stats = torch.empty(3, rows.numel(), dtype=torch.float32, device=hidden.device)
+        ws = Workspace(hidden.device)  # chunk buffers reused by every chunk (no fresh pages per chunk)
         for start in range(0, rows.numel(), chunk_size):
             idx = rows[start:start + chunk_size]
-            logits = F.linear(_gather_rows(hidden, idx), weight, bias)
-            chunk = _chunk_stats(backend, logits, flat_labels[idx], ignore_index, inv_temp)
+            logits = _chunk_logits(_gather_rows(hidden, idx), weight, bias, ws)
+            chunk = _chunk_stats(backend, logits, flat_labels[idx], ignore_index, inv_temp, ws)
             for dst, val in zip(stats, chunk):
                 dst[start:start + idx.numel()] = val
             del logits
@@ -142,15 +147,16 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         g_all = grad_logps.reshape(-1)[rows].float() if grad_logps is not None else None
         h_all = grad_entropy.reshape(-1)[rows].float() if grad_entropy is not None else None
         step = ctx.chunk_size
+        ws = Workspace(dev)
         for start in range(0, rows.numel(), step):
             sl = slice(start, start + step)
             idx = rows[sl]
             h_rows = _gather_rows(hidden, idx)
-            logits = F.linear(h_rows, weight, bias)
+            logits = _chunk_logits(h_rows, weight, bias, ws)
             dlogits = _chunk_grad(
                 ctx.backend, logits, flat_labels[idx], lse[sl], entropy[sl],
                 None if g_all is None else g_all[sl], None if h_all is None else h_all[sl],
-                ctx.ignore_index, ctx.inv_temp,
+                ctx.ignore_index, ctx.inv_temp, ws,
             )
             del logits
             if need_hidden:

@@ -34,16 +34,44 @@ def _row_chunks(batch: int, seq: int, vocab: int):
 _LOGP_FLOOR = -200.0
 
 
-def _chunk_forward(z: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, inv_temp: float):
+class Workspace:
+    """fp32 chunk temporaries allocated once per call and reused by every chunk.
+
+    Fresh allocations of chunk size are served by the OS as new pages on CPU, and faulting them in on
+    every chunk costs as much as the arithmetic; reusing warm buffers removes that."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.bufs: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def get(self, slot: int, rows: int, vocab: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n = rows * vocab
+        buf = self.bufs.get((slot, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[(slot, dtype)] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n].view(rows, vocab)
+
+
+def _as_fp32(z: torch.Tensor, inv_temp: float, ws: Workspace, slot: int) -> torch.Tensor:
+    """z / T in fp32: z itself when it already is (T = 1), else written into a workspace buffer."""
+    if z.dtype == torch.float32 and inv_temp == 1.0:
+        return z
+    buf = ws.get(slot, z.shape[0], z.shape[1])
+    buf.copy_(z)  # widen first: a low-precision product would round before the cast
+    return buf.mul_(inv_temp) if inv_temp != 1.0 else buf
+
+
+def _chunk_forward(z: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, inv_temp: float,
+                   ws: Workspace | None = None):
     """z: [r, V] slice in the input dtype -> (logp, H, lse) fp32 [r]; masked rows give 0 logp/H."""
-    z = z.float()
-    if inv_temp != 1.0:
-        z = z * inv_temp
+    ws = ws if ws is not None else Workspace(z.device)
+    rows, vocab = z.shape
+    z = _as_fp32(z, inv_temp, ws, 0)
     m = z.amax(-1, keepdim=True)
     # A row of all -inf would give nan from (-inf) - (-inf); such rows only occur masked.
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    zm = torch.sub(z, m).clamp_(min=_LOGP_FLOOR)
-    e = torch.exp(zm)
+    zm = torch.sub(z, m, out=ws.get(1, rows, vocab)).clamp_(min=_LOGP_FLOOR)
+    e = torch.exp(zm, out=ws.get(2, rows, vocab))
     s = e.sum(-1)
     # Σ p·(z − m) relative to the max: H = log s − Σ e(z − m)/s never subtracts two large numbers
     # (exact for |z| ~ 1e4 and under a constant shift). A batched dot product: no [r, V] temporary.
@@ -67,12 +95,12 @@ def _chunk_backward(
     g: torch.Tensor | None,
     h: torch.Tensor | None,
     inv_temp: float,
+    ws: Workspace | None = None,
 ) -> torch.Tensor:
-    """Write dL/dlogits of one chunk into ``out`` (fp32 [r, V], may alias nothing else):
+    """Write dL/dlogits of one chunk into ``out`` (fp32 [r, V]; may be ``z`` itself, else aliases nothing):
     (g·(onehot − p) − h·p·(log p + H)) / T, exactly 0 on masked rows. Returns ``out``."""
-    zf = z.float()
-    if inv_temp != 1.0:
-        zf = zf * inv_temp
+    ws = ws if ws is not None else Workspace(z.device)
+    zf = _as_fp32(z, inv_temp, ws, 0)
     zero = torch.zeros((), dtype=torch.float32, device=z.device)
     # Masked rows get zero upstream grads, so their gradient row is exactly 0 with no special case.
     g = torch.where(mask, g, zero) if g is not None else torch.zeros_like(lse)
@@ -83,7 +111,7 @@ def _chunk_backward(
     else:
         h = torch.where(mask, h, zero)
         logp.clamp_(min=_LOGP_FLOOR)
-        p = torch.exp(logp)
+        p = torch.exp(logp, out=ws.get(1, logp.shape[0], logp.shape[1]))
         # −p·(g + h·(log p + H)) / T = p·(c + k·log p) with c = −(g + h·H)/T, k = −h/T.
         c = (-(g + h * entropy) * inv_temp).unsqueeze(-1)
         k = (-h * inv_temp).unsqueeze(-1)
@@ -111,6 +139,7 @@ class TokenLogprobsTorchFunction(torch.autograd.Function):
         inv_temp = 1.0 / float(temperature)
         mask = labels != ignore_index
         out = torch.zeros(3, batch, seq, dtype=torch.float32, device=logits.device)
+        ws = Workspace(logits.device)
         logps, entropy, lse = out[0], out[1], out[2]
         for b0, b1, t0, t1 in _row_chunks(batch, seq, vocab):
             sl = (slice(b0, b1), slice(t0, t1))
@@ -120,7 +149,7 @@ class TokenLogprobsTorchFunction(torch.autograd.Function):
                 if keep.numel() == 0:
                     continue
                 z, lab, m = z.index_select(0, keep), lab[keep], m[keep]
-            stats = _chunk_forward(z, lab, m, inv_temp)
+            stats = _chunk_forward(z, lab, m, inv_temp, ws)
             for dst, val in zip((logps, entropy, lse), stats):
                 rows = dst[sl].reshape(-1)
                 if keep is None:
@@ -143,6 +172,7 @@ class TokenLogprobsTorchFunction(torch.autograd.Function):
         # Written once, chunk by chunk; every element is covered by exactly one chunk. When the buffer
         # is fp32 and the chunk is a dense block of it, the chunk gradient is computed in place there.
         grad = logits if ctx.inplace else torch.empty_like(logits)
+        ws = Workspace(logits.device)
         for b0, b1, t0, t1 in _row_chunks(batch, seq, vocab):
             sl = (slice(b0, b1), slice(t0, t1))
             nrows = (b1 - b0) * (t1 - t0)
@@ -159,12 +189,11 @@ class TokenLogprobsTorchFunction(torch.autograd.Function):
             direct = (keep is None and target.dtype == torch.float32 and target.is_contiguous()
                       and not ctx.inplace)
             n = nrows if keep is None else keep.numel()
-            out = target.view(-1, vocab) if direct else torch.empty(n, vocab, dtype=torch.float32,
-                                                                     device=logits.device)
+            out = target.view(-1, vocab) if direct else ws.get(2, n, vocab)
             z = logits[sl].reshape(-1, vocab)
             if keep is not None:
                 z = z.index_select(0, keep)
-            _chunk_backward(z, out, pick(labels), pick(mask), pick(lse), pick(entropy), g, h, ctx.inv_temp)
+            _chunk_backward(z, out, pick(labels), pick(mask), pick(lse), pick(entropy), g, h, ctx.inv_temp, ws)
             if direct:
                 continue
             if keep is None:
