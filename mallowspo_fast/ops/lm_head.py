@@ -68,23 +68,42 @@ class LMHeadLogprobs(nn.Module):
         reduction: str = "sequence",
         chunk_size: int | None = None,
         backend: str | None = None,
-    ) -> torch.Tensor | SequenceLogprobs | TokenLogprobs:
+        return_logits_mean: bool = False,
+    ) -> torch.Tensor | SequenceLogprobs | TokenLogprobs | tuple:
         """``labels`` None: logits ``hidden @ weight.T + bias``. Otherwise ``hidden`` [B, T, H] and
         ``labels`` [B, T] already aligned (the caller shifts) -> SequenceLogprobs (``reduction="sequence"``)
-        or TokenLogprobs (``reduction="token"``); ``chunk_size``/``backend`` None use the module's."""
+        or TokenLogprobs (``reduction="token"``); ``chunk_size``/``backend`` None use the module's.
+        ``return_logits_mean``: also return the detached mean logit (over V, then over the unmasked
+        positions) of every row [B], as ``(result, means)``; it costs one [B, T, H] @ [H] product."""
         if labels is None:
             return F.linear(hidden, self.weight, self.bias)
         kw = dict(bias=self.bias, ignore_index=ignore_index, temperature=temperature,
                   chunk_size=self.chunk_size if chunk_size is None else chunk_size,
                   backend=self.backend if backend is None else backend)
         if reduction == "sequence":
-            return linear_sequence_logprobs(hidden, self.weight, labels, **kw)
-        if reduction == "token":
-            return linear_token_logprobs(hidden, self.weight, labels, **kw)
-        raise ValueError(f"LMHeadLogprobs: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+            out = linear_sequence_logprobs(hidden, self.weight, labels, **kw)
+        elif reduction == "token":
+            out = linear_token_logprobs(hidden, self.weight, labels, **kw)
+        else:
+            raise ValueError(f"LMHeadLogprobs: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if not return_logits_mean:
+            return out
+        with torch.no_grad():
+            # mean_v(h·w_v + b_v) = h·mean_v(w_v) + mean_v(b_v): no logits needed.
+            row = hidden.float() @ self.weight.mean(0, dtype=torch.float32)
+            if self.bias is not None:
+                row = row + self.bias.float().mean()
+        return out, masked_row_mean(row, labels, ignore_index)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def masked_row_mean(values: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Mean of ``values`` [B, T] over the positions where ``labels`` [B, T] != ignore_index -> [B]
+    (0 for rows without any)."""
+    mask = (labels != ignore_index).to(torch.float32)
+    return (values.float() * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
 
 
 def _check_plain_linear_head(model: nn.Module) -> None:
@@ -99,6 +118,11 @@ def _check_plain_linear_head(model: nn.Module) -> None:
             )
 
 
+def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The shape of a parameter, also when ZeRO-3 has partitioned it (``ds_shape``)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
 def install_lm_head_logprobs(model: nn.Module, *, chunk_size: int | None = None,
                              backend: str | None = None) -> LMHeadLogprobs:
     """Replace ``model``'s output layer (``get_output_embeddings()``) by an :class:`LMHeadLogprobs`
@@ -106,7 +130,8 @@ def install_lm_head_logprobs(model: nn.Module, *, chunk_size: int | None = None,
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, LMHeadLogprobs):
         return head
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.dim() != 2:
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or len(_full_shape(weight)) != 2:
         raise TypeError(
             f"install_lm_head_logprobs: expected a model whose get_output_embeddings() is a linear layer "
             f"with a [V, H] weight, got {type(head).__name__} on {type(model).__name__}"
@@ -140,8 +165,9 @@ def model_sequence_logprobs(
     chunk_size: int | None = None,
     backend: str | None = None,
     reduction: str = "sequence",
+    return_logits_mean: bool = False,
     **model_kwargs,
-) -> SequenceLogprobs | TokenLogprobs:
+) -> SequenceLogprobs | TokenLogprobs | tuple:
     """Log-probs of ``labels`` under a causal LM, by either path.
 
     Args:
@@ -152,6 +178,8 @@ def model_sequence_logprobs(
         logits_mode: "chunked" (backbone + the output layer applied chunk by chunk: the [B, T, V]
             logits never exist) or "logits" (the model's forward, then :func:`sequence_logprobs`).
         reduction: "sequence" -> SequenceLogprobs [B]; "token" -> TokenLogprobs [B, T - 1] (packed rows).
+        return_logits_mean: also return the detached mean logit of every row over its unmasked
+            positions, [B], as ``(result, means)`` (TRL's ``logits/chosen`` metric), in either mode.
         model_kwargs: passed to the model/backbone (e.g. ``position_ids`` of packed rows).
 
     Under ZeRO-3 call :func:`install_lm_head_logprobs` before ``deepspeed.initialize`` and run this
@@ -166,16 +194,30 @@ def model_sequence_logprobs(
     if logits_mode == "logits":
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs).logits
         fn = sequence_logprobs if reduction == "sequence" else token_logprobs
-        return fn(logits[:, :-1], shifted, **kw)
+        out = fn(logits[:, :-1], shifted, **kw)
+        if not return_logits_mean:
+            return out
+        with torch.no_grad():
+            means = masked_row_mean(logits[:, :-1].detach().mean(-1, dtype=torch.float32), shifted, ignore_index)
+        return out, means
     _check_plain_linear_head(model)
     out = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     head = model.get_output_embeddings()
     if isinstance(head, LMHeadLogprobs):
         # Through the module call, so ZeRO-3's hooks gather the weight for forward and backward.
-        return head(hidden[:, :-1], shifted, reduction=reduction, chunk_size=chunk_size, **kw)
+        return head(hidden[:, :-1], shifted, reduction=reduction, chunk_size=chunk_size,
+                    return_logits_mean=return_logits_mean, **kw)
+    bias = getattr(head, "bias", None)
     fn = linear_sequence_logprobs if reduction == "sequence" else linear_token_logprobs
-    return fn(hidden[:, :-1], head.weight, shifted, bias=getattr(head, "bias", None), chunk_size=chunk_size, **kw)
+    out = fn(hidden[:, :-1], head.weight, shifted, bias=bias, chunk_size=chunk_size, **kw)
+    if not return_logits_mean:
+        return out
+    with torch.no_grad():
+        row = hidden[:, :-1].float() @ head.weight.mean(0, dtype=torch.float32)
+        if bias is not None:
+            row = row + bias.float().mean()
+    return out, masked_row_mean(row, shifted, ignore_index)
 
 
 class CausalLMLogprobs(nn.Module):
@@ -196,16 +238,20 @@ class CausalLMLogprobs(nn.Module):
         self.logits_mode = logits_mode
         self.chunk_size = chunk_size
         self.backend = backend
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        # Read now: under ZeRO-3 the weight is a partitioned placeholder outside the head's forward.
+        self.vocab_size = _full_shape(head.weight)[0] if head is not None else model.config.vocab_size
         if logits_mode == "chunked":
             install_lm_head_logprobs(model, chunk_size=chunk_size, backend=backend)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *, ignore_index: int = -100, temperature: float = 1.0,
-                reduction: str = "sequence", **model_kwargs) -> SequenceLogprobs | TokenLogprobs:
+                reduction: str = "sequence", return_logits_mean: bool = False,
+                **model_kwargs) -> SequenceLogprobs | TokenLogprobs | tuple:
         if labels is None:
             raise ValueError("CausalLMLogprobs.forward: labels [B, T] (aligned with input_ids) are required")
         return model_sequence_logprobs(
             self.model, input_ids, attention_mask, labels, logits_mode=self.logits_mode,
             ignore_index=ignore_index, temperature=temperature, chunk_size=self.chunk_size,
-            backend=self.backend, reduction=reduction, **model_kwargs,
+            backend=self.backend, reduction=reduction, return_logits_mean=return_logits_mean, **model_kwargs,
         )

@@ -89,6 +89,18 @@ def save(engine: Any, output_dir: str, step: int, client_state: dict[str, Any], 
     return path
 
 
+def check_compatible(path: Path, cfg: Any) -> None:
+    """Refuse, before DeepSpeed reads any tensor, a checkpoint whose module layout differs from this run's:
+    ``logits_mode: chunked`` wraps the model (parameter names gain a ``model.`` prefix)."""
+    saved = json.loads((path / "trainer_state.json").read_text()).get("config", {})
+    mode = saved.get("logits_mode", "logits")
+    if mode != cfg.logits_mode:
+        raise ValueError(
+            f"{path} was saved with logits_mode={mode} and this run has logits_mode={cfg.logits_mode}: the "
+            "engine's module layout differs. Resume with the same mode (the exported Hugging Face model loads "
+            "in either)")
+
+
 def load(engine: Any, path: Path, state: DistState) -> dict[str, Any]:
     """Restore the engine (model, optimizer, scheduler) and this rank's RNG; return the client state."""
     load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)

@@ -24,6 +24,7 @@ from ..losses import LOSS_TYPES
 TRAINER_LOSS_TYPES = (*LOSS_TYPES, "orpo")  # orpo has its own loss function (no reference model)
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 LOGPROB_BACKENDS = ("auto", "triton", "torch", "reference")
+LOGITS_MODES = ("logits", "chunked")
 REPORT_TO = ("all", "none", "tensorboard")
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
@@ -103,6 +104,11 @@ class TrainConfig:
     ref_offload: bool = _f(False, "live reference: offload its parameters to CPU (ZeRO-3)", group="loss")
     logprob_backend: str = _f("auto", "log-prob/entropy op: auto (triton on CUDA, torch on CPU), triton, torch, "
                               "or reference (naive PyTorch, for comparison)", group="loss", choices=LOGPROB_BACKENDS)
+    logits_mode: str = _f("logits", "logits: the model's forward, then the op on its [B, T, V] logits; chunked: the "
+                          "backbone, then the output layer applied chunk by chunk (the logits never exist: for "
+                          "large vocabularies)", group="loss", choices=LOGITS_MODES)
+    logits_chunk_size: int | None = _f(None, "chunked: token rows per chunk (default: about 48 MiB of fp32 logits "
+                                       "on CPU, 256 MiB on GPU)", group="loss")
 
     # --- optimisation ----------------------------------------------------------------------------------
     per_device_train_batch_size: int = _f(8, "pairs per rank per micro-batch", group="optim")
@@ -528,6 +534,9 @@ def _validate_runtime(cfg: TrainConfig) -> None:
         _require(importlib.util.find_spec("tensorboard") is not None,
                  "report_to=tensorboard but the tensorboard package is not installed (pip install tensorboard), "
                  "or use report_to=all / none")
+    if cfg.logits_chunk_size is not None:
+        _require(cfg.logits_chunk_size > 0, f"logits_chunk_size must be a positive int or null, found "
+                 f"{cfg.logits_chunk_size}")
     if cfg.logprob_backend == "triton":
         import torch
 

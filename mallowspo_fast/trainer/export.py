@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .launch import DistState, barrier
+from .model import hf_model
 
 logger = logging.getLogger("mallowspo_fast.trainer")
 
@@ -23,7 +24,7 @@ def gathered_state_dict(engine: Any, state: DistState) -> dict[str, torch.Tensor
     """Full state dict of the engine's module on rank 0 (empty on the other ranks)."""
     import deepspeed
 
-    module = engine.module
+    module = hf_model(engine.module)
     zero3 = engine.zero_optimization_stage() == 3
     out: dict[str, torch.Tensor] = {}
     # named_parameters() yields a tied parameter once, under its first name.
@@ -53,7 +54,7 @@ def export_hf(engine: Any, tokenizer: Any, out_dir: str | Path, state: DistState
     sd = gathered_state_dict(engine, state)
     if state.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        module = engine.module
+        module = hf_model(engine.module)
         module.config.use_cache = True
         module.save_pretrained(str(out), state_dict=sd, safe_serialization=True)
         if tokenizer is not None:

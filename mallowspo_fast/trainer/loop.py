@@ -216,10 +216,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         source = sft_warmup(cfg, state, tokenizer, train_ds, collator, source)
     set_seed(cfg.seed)
     engine = policy_engine(cfg, state, build_model(cfg, source, tokenizer), total)
+    if cfg.logits_mode == "chunked":
+        logger.info("logits_mode=chunked: log-probs from the hidden states, %s rows per chunk; the [B, T, V] "
+                    "logits are never materialised", cfg.logits_chunk_size or "default")
     ref = setup_reference(cfg, state, engine, tokenizer, train_ds, eval_ds, collator, source)
     step, num_tokens = 0, 0
     resume = C.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     if resume is not None:
+        C.check_compatible(resume, cfg)
         client = C.load(engine, resume, state)
         saved = client.get("order", {})
         if saved.get("global_batch") != order.global_batch or saved.get("n") != order.n:

@@ -76,7 +76,30 @@ def build_model(cfg: TrainConfig, source: str | None, tokenizer: Any, ds_config:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if cfg.logits_mode == "chunked":
+        model = chunked_logprobs_model(cfg, model)
     return model
+
+
+def chunked_logprobs_model(cfg: TrainConfig, model: Any) -> Any:
+    """``logits_mode: chunked``: the module handed to DeepSpeed runs the backbone and then the output
+    layer chunk by chunk (``CausalLMLogprobs``), so the [B, T, V] logits never exist.
+
+    The output layer is replaced by a head that owns the same Parameters (tied embeddings included),
+    and the whole computation runs inside ``engine(...)``: ZeRO-3 gathers the sharded output weight
+    around the head's forward and again for its backward, as for the ``nn.Linear`` it replaces. The
+    Hugging Face model stays reachable as ``.model`` (export saves it with its usual keys)."""
+    from ..ops.lm_head import CausalLMLogprobs
+
+    backend = None if cfg.logprob_backend == "auto" else cfg.logprob_backend
+    return CausalLMLogprobs(model, logits_mode="chunked", chunk_size=cfg.logits_chunk_size, backend=backend)
+
+
+def hf_model(module: Any) -> Any:
+    """The Hugging Face model inside an engine's module (unwraps ``logits_mode: chunked``)."""
+    from ..ops.lm_head import CausalLMLogprobs
+
+    return module.model if isinstance(module, CausalLMLogprobs) else module
 
 
 def policy_engine(cfg: TrainConfig, state: DistState, model: Any, total_steps: int, *,

@@ -14,6 +14,7 @@ import torch
 
 from .. import losses as L
 from ..ops import sequence_logprobs
+from ..ops.lm_head import CausalLMLogprobs
 from .config import TrainConfig
 
 IGNORE_INDEX = -100
@@ -45,8 +46,15 @@ def forward_logprobs(model: Any, batch: dict[str, torch.Tensor], *, backend: str
     """Run ``model`` (a DeepSpeed engine or a module) once and reduce its logits with the fused op.
 
     The logits [2B, T, V] are only ever read by the op (and, when ``logits_mean``, by one detached mean
-    over V): no log-softmax copy of them is made.
+    over V): no log-softmax copy of them is made. With ``logits_mode: chunked`` the module is a
+    ``CausalLMLogprobs`` and the logits are never materialised at all.
     """
+    module = getattr(model, "module", model)
+    if isinstance(module, CausalLMLogprobs):
+        res = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    ignore_index=IGNORE_INDEX, return_logits_mean=logits_mean)
+        seq, means = res if logits_mean else (res, None)
+        return ForwardOutput(seq.logps, seq.entropy, seq.num_tokens, means, module.vocab_size)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     logits = out.logits
     labels = batch["labels"][:, 1:]

@@ -40,9 +40,9 @@ def _launch(command: list[str], timeout: int = 240) -> None:
     assert "done at step" in proc.stdout, proc.stdout[-2000:]
 
 
-def _config(pairs_file: Path, tokenizer_dir: Path, out: Path, per_device: int) -> dict:
+def _config(pairs_file: Path, tokenizer_dir: Path, out: Path, per_device: int, **extra) -> dict:
     return tiny_overrides(pairs_file, tokenizer_dir, out, max_steps=STEPS, per_device_train_batch_size=per_device,
-                          export_model=True, zero_stage=3)
+                          export_model=True, zero_stage=3, **extra)
 
 
 def _check_against_single_rank(two: Path, pairs_file: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
@@ -75,6 +75,20 @@ def _write_yaml(cfg: dict, path: Path) -> Path:
 def test_two_rank_zero3_with_deepspeed_launcher(pairs_file: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
     two = tmp_path / "two_ranks"
     yaml_file = _write_yaml(_config(pairs_file, tokenizer_dir, two, per_device=2), tmp_path / "run.yaml")
+    launcher = Path(sys.executable).parent / "deepspeed"
+    _launch([str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
+             "mallowspo_fast.train", str(yaml_file)])
+    _check_against_single_rank(two, pairs_file, tokenizer_dir, tmp_path)
+
+
+@pytest.mark.distributed
+def test_two_rank_zero3_chunked_logits_matches_the_normal_path(pairs_file: Path, tokenizer_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """logits_mode=chunked on two ranks (the output weight, tied to the embeddings, sharded by ZeRO-3 and
+    gathered inside the engine's forward and backward) against the one-rank normal path."""
+    two = tmp_path / "two_ranks_chunked"
+    cfg = _config(pairs_file, tokenizer_dir, two, per_device=2, logits_mode="chunked", logits_chunk_size=7)
+    yaml_file = _write_yaml(cfg, tmp_path / "run.yaml")
     launcher = Path(sys.executable).parent / "deepspeed"
     _launch([str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
              "mallowspo_fast.train", str(yaml_file)])
