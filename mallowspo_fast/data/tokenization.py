@@ -1,6 +1,6 @@
 """Tokenisation of normalised preference / unpaired rows into prompt and completion ids.
 
-Rules (see docs/data.md):
+Rules (see the README, Preference data):
 - Conversational rows render with the tokenizer's chat template (ChatML when it has none): the prompt
   with ``add_generation_prompt=True``, the completion as the rest of the full conversation's text.
   Standard rows are plain text: prompt text, then completion text + EOS (unless it already ends so); the

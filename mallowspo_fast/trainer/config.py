@@ -1,7 +1,7 @@
 """The training configuration: one dataclass, read from YAML and ``key=value`` overrides, validated up front.
 
 Names mirror TRL's ``DPOConfig`` / ``TrainingArguments`` and TRL's scripts where the meaning is the same;
-the MallowsPO additions and the DeepSpeed knobs are documented in ``docs/trainer.md``. Everything is
+the MallowsPO additions and the DeepSpeed knobs are documented in the README (Training, Config reference). Everything is
 checked here, before a model or a dataset is loaded: unknown keys, wrong types, out-of-range values,
 inconsistent combinations and missing local paths all raise ``ValueError`` naming the key.
 """
