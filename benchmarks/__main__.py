@@ -1,9 +1,11 @@
 """Run the whole suite on the device found: ``python -m benchmarks [--quick] [--out DIR]``.
 
-Subjects: the op (forward, backward, forward+backward), a preference-loss step, a small-model train
-step, and the projection for sm_80 / sm_90. Shapes default to the GPU sweep of the issue on CUDA
-(V = 32000, 128256, 151936, 256000; bf16 and fp32) and to CPU-sized shapes on CPU. ``--quick`` uses tiny
-shapes and few repeats: a smoke run that checks everything works, not a measurement.
+Subjects: the op (forward, backward, forward+backward), the memory mode (hidden states and output
+weight to log-probs, against the logits path), a preference-loss step, a small-model train step, and the
+projection for sm_80 / sm_90. Shapes default to the GPU sweep of the issue on CUDA (op: V = 32000,
+128256, 151936, 256000, bf16 and fp32; memory mode: N = 8192, H = 4096, V = 32000, 128256, 151936, bf16)
+and to CPU-sized shapes on CPU. ``--quick`` uses tiny shapes and few repeats: a smoke run that checks
+everything works, not a measurement.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import argparse
 import sys
 import time
 
-from . import loss_step, op, projection, train_step
+from . import linear, loss_step, op, projection, train_step
 from .harness import default_device, log
 from .providers import PROVIDERS
 from .report import write_report
 
-SUBJECTS = ("op", "loss_step", "train_step", "projection")
+SUBJECTS = ("op", "linear", "loss_step", "train_step", "projection")
 
 
 def plan(device: str, quick: bool) -> dict:
@@ -26,6 +28,8 @@ def plan(device: str, quick: bool) -> dict:
     if quick:
         return {
             "op": dict(ns=[256], vocabs=[2048], dtypes=["fp32"], warmup=1, repeats=3),
+            "linear": dict(ns=[256], hiddens=[64], vocabs=[2048], dtypes=["fp32"], passes=["fwdbwd"], warmup=1,
+                           repeats=3),
             "loss_step": dict(batch=2, seq=64, vocabs=[2048], dtypes=["fp32"], warmup=1, repeats=3),
             "train_step": dict(model="llama-tiny", batch=1, seq=32, vocab=2048, dtype="fp32", warmup=1,
                                repeats=2),
@@ -35,6 +39,8 @@ def plan(device: str, quick: bool) -> dict:
         return {
             "op": dict(ns=[8192, 16384], vocabs=[32000, 128256, 151936, 256000], dtypes=["bf16", "fp32"],
                        warmup=10, repeats=50),
+            "linear": dict(ns=[8192], hiddens=[4096], vocabs=[32000, 128256, 151936], dtypes=["bf16"],
+                           passes=list(linear.PASSES), warmup=5, repeats=20),
             "loss_step": dict(batch=4, seq=1024, vocabs=[32000, 128256], dtypes=["bf16"], warmup=10,
                               repeats=30),
             "train_step": dict(model="llama-small", batch=8, seq=1024, vocab=128256, dtype="bf16", warmup=3,
@@ -44,6 +50,8 @@ def plan(device: str, quick: bool) -> dict:
         }
     return {
         "op": dict(ns=[2048], vocabs=[8192, 32000], dtypes=["fp32"], warmup=2, repeats=10),
+        "linear": dict(ns=[2048], hiddens=[256], vocabs=[32000], dtypes=["fp32"], passes=list(linear.PASSES),
+                       warmup=1, repeats=5),
         "loss_step": dict(batch=2, seq=512, vocabs=[32000], dtypes=["fp32"], warmup=2, repeats=10),
         "train_step": dict(model="llama-tiny", batch=2, seq=256, vocab=32000, dtype="fp32", warmup=1,
                            repeats=5),
@@ -73,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         c = cfg["op"]
         sections["op"] = op.sweep(args.device, c["ns"], c["vocabs"], c["dtypes"], args.passes, args.providers,
                                   c["warmup"], c["repeats"], log=log, **run_options)
+    if "linear" in args.subjects:
+        c = cfg["linear"]
+        # "ours" selects both of our paths (chunked memory mode and logits); TRL has no hidden-state level.
+        providers = [x for x in linear.PROVIDERS if x in args.providers or ("ours" in args.providers
+                                                                           and x.startswith("ours"))]
+        passes = [x for x in args.passes if x in c["passes"]]
+        sections["linear"] = linear.sweep(args.device, c["ns"], c["hiddens"], c["vocabs"], c["dtypes"], passes,
+                                          providers, c["warmup"], c["repeats"], log=log, **run_options)
     if "loss_step" in args.subjects:
         c = cfg["loss_step"]
         sections["loss_step"] = loss_step.sweep(args.device, c["batch"], c["seq"], c["vocabs"], c["dtypes"],

@@ -1,6 +1,7 @@
 """pytest-benchmark entry: ``pytest benchmarks/ --benchmark-only`` (timing only; memory is in the runner).
 
-Shapes can be changed from the command line: ``--bench-n 8192 --bench-vocab 128256 --bench-dtype bf16``.
+Shapes can be changed from the command line: ``--bench-n 8192 --bench-vocab 128256 --bench-dtype bf16``
+(and ``--bench-hidden 4096`` for the memory mode).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-n", type=int, default=None, help="tokens N of the op benchmarks")
     group.addoption("--bench-vocab", type=int, default=None, help="vocabulary V of the op benchmarks")
     group.addoption("--bench-dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    group.addoption("--bench-hidden", type=int, default=None, help="hidden size H of the memory-mode benchmarks")
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +29,7 @@ def bench_config(request: pytest.FixtureRequest) -> dict:
         "device": device,
         "n": opt("--bench-n") or (8192 if cuda else 1024),
         "vocab": opt("--bench-vocab") or (128256 if cuda else 32000),
+        "hidden": opt("--bench-hidden") or (4096 if cuda else 256),
         "dtype": opt("--bench-dtype") or ("bf16" if cuda else "fp32"),
         "rounds": 30 if cuda else 5,
         "warmup": 5 if cuda else 1,

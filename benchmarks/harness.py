@@ -12,8 +12,10 @@ Inside the case process:
   A case may have an untimed ``setup`` (e.g. the forward before a timed backward).
 * memory: after timing, freed memory is handed back to the OS (``malloc_trim``), the peak counter is
   reset, and one more run (setup + timed part) is made. *Extra peak* = peak − memory when only the
-  inputs exist. CUDA: ``max_memory_allocated``; CPU: the kernel's high-water mark of resident memory
-  (``VmHWM``, reset by writing 5 to ``/proc/self/clear_refs``).
+  inputs exist − the outputs every implementation must return when the subject names them
+  (``Case.output_bytes``: the memory mode's parameter gradients). CUDA: ``max_memory_allocated``; CPU:
+  the kernel's high-water mark of resident memory (``VmHWM``, reset by writing 5 to
+  ``/proc/self/clear_refs``).
 """
 
 from __future__ import annotations
@@ -272,6 +274,8 @@ class Case:
     tokens: int | None = None  # tokens processed by one timed call (for tokens/s)
     input_bytes: int | None = None  # the size memory is reported relative to (the logits)
     notes: str = ""
+    flops: float | None = None  # model FLOPs of one timed call (FLOP formula of a matmul-bound subject)
+    output_bytes: int = 0  # outputs every implementation returns (parameter grads): not in the extra peak
 
 
 @dataclass
@@ -288,12 +292,19 @@ class Result:
     tokens: int | None = None
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    flops: float | None = None
 
     @property
     def gbs(self) -> float | None:
         if self.status != "ok" or not self.bytes_moved or not self.median_ms:
             return None
         return self.bytes_moved / (self.median_ms * 1e-3) / 1e9
+
+    @property
+    def tflops(self) -> float | None:
+        if self.status != "ok" or not self.flops or not self.median_ms:
+            return None
+        return self.flops / (self.median_ms * 1e-3) / 1e12
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -306,9 +317,11 @@ def run_in_process(case: Case, spec: dict[str, Any]) -> Result:
     device = spec["device"]
     timing = time_case(case.fn, case.setup, device, spec["warmup"], spec["repeats"])
     peak = measure_memory(case.fn, case.setup, device, case.reset) if spec.get("memory", True) else None
+    if peak is not None:
+        peak = max(0, peak - case.output_bytes)
     return Result(spec, "ok", timing.median_ms, timing.p20_ms, timing.p80_ms, timing.samples, peak,
                   case.input_bytes, case.bytes_moved, case.tokens, case.notes,
-                  extra={"cpu_median_ms": timing.cpu_median_ms})
+                  extra={"cpu_median_ms": timing.cpu_median_ms}, flops=case.flops)
 
 
 def _child_env(spec: dict[str, Any]) -> dict[str, str]:

@@ -3,7 +3,8 @@
 Two tables, both PROJECTIONS (nothing here is measured on a GPU):
 
 1. Resources of every shipped kernel x sm_80 / sm_90 x dtype x V, from
-   :func:`mallowspo_fast.ops.aot.compile_report` (registers, spills, shared memory, occupancy estimate).
+   :func:`mallowspo_fast.ops.aot.compile_report` (registers, spills, shared memory, occupancy estimate,
+   and the public ops that launch each variant: the memory mode runs the same compiled variants).
 2. The roofline floor of the op from its byte budget (KERNELS.md §2): forward moves L = N·V·elem bytes,
    backward 2·L, forward + backward 3·L; floor time = bytes / peak HBM bandwidth of the device. The
    targets column applies the KERNELS.md §3 goals (forward at 80 %, backward at 75 % of peak).
@@ -89,12 +90,13 @@ def compile_rows(archs, dtypes, vocabs, timeout_s: float = 900.0) -> tuple[list[
 
 
 def resources_table(rows: list[dict]) -> str:
-    head = "| kernel | sm | dtype | V | BLOCK | warps | regs | spills st/ld (B) | smem (B) | est. occupancy |"
-    lines = [head, "|" + "---|" * 10]
+    head = ("| kernel | sm | dtype | V | BLOCK | warps | regs | spills st/ld (B) | smem (B) | est. occupancy "
+            "| used by |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
-        lines.append(f"| {r['kernel']} | {r['arch']} | {r['dtype']} | {r['vocab']} | {r['block']} | "
+        lines.append(f"| {r['kernel']} | {r['arch']} | {r['dtype'] or 'any'} | {r['vocab'] or 'any'} | {r['block']} | "
                      f"{r['num_warps']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | "
-                     f"{r['shared_bytes']} | {r['occupancy']:.2f} |")
+                     f"{r['shared_bytes']} | {r['occupancy']:.2f} | {', '.join(r.get('used_by', []))} |")
     return "\n".join(lines)
 
 

@@ -12,6 +12,10 @@ tables say so ("log-prob only"): they do less work than we do.
 Peers are optional: TRL's ``selective_log_softmax`` + ``entropy_from_logits`` and Liger-Kernel's
 cross entropy with ``reduction="none"``. When a peer is not installed (or needs CUDA on a CPU run)
 building it raises :class:`Unavailable` and the tables show the reason instead of numbers.
+
+The memory mode (``linear`` subject) asks the same question one level up, from the hidden states and
+the output weight: ``fn(hidden [B, T, H], weight [V, H], labels [B, T]) -> (logps [B], entropy [B] or
+None)``, providers :data:`LINEAR_PROVIDERS`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import importlib.util
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 import mallowspo_fast as mpf
 from mallowspo_fast.ops.naive import naive_sequence_logprobs, naive_token_logprobs
@@ -36,6 +41,16 @@ DESCRIPTIONS = {
 }
 # Peers that compute less than we do are flagged in the tables.
 LOGP_ONLY = {"liger"}
+
+LINEAR_PROVIDERS = ("ours-chunked", "ours-logits", "reference", "compiled", "liger")
+LINEAR_DESCRIPTIONS = {
+    "ours-chunked": "mpf.linear_sequence_logprobs: the memory mode, one chunk of logits at a time",
+    "ours-logits": "F.linear, then mpf.sequence_logprobs on the materialised logits",
+    "reference": "F.linear, then the naive eager reference (full log-softmax)",
+    "compiled": "torch.compile of F.linear + the naive reference",
+    "liger": "Liger-Kernel fused linear cross entropy, reduction='none' (log-prob only; its gradient is "
+             "computed in the forward and scaled by one upstream value)",
+}
 
 TokenFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 SequenceFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
@@ -148,3 +163,62 @@ def sequence_fn(provider: str, device: str) -> SequenceFn:
         return logp.sum(-1), mean_entropy, num_tokens
 
     return reduce
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hidden-state level (the memory mode)
+
+LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def linear_availability(provider: str, device: str) -> tuple[str, str] | None:
+    """As :func:`availability`, for the providers of the ``linear`` subject."""
+    if provider not in LINEAR_PROVIDERS:
+        raise ValueError(f"unknown linear provider {provider!r}; expected one of {LINEAR_PROVIDERS}")
+    return availability("liger", device) if provider == "liger" else None
+
+
+def _reference_linear(hidden, weight, labels):
+    logps, entropy, _ = naive_sequence_logprobs(F.linear(hidden, weight), labels, IGNORE_INDEX)
+    return logps, entropy
+
+
+def _liger_linear_fn() -> LinearFn:
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    flce = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="none")
+
+    def fn(hidden, weight, labels):
+        out = flce(weight, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1))
+        loss = out[0] if isinstance(out, (tuple, list)) else getattr(out, "loss", out)
+        logp, _ = _masked(-loss.view(labels.shape), None, labels != IGNORE_INDEX)
+        return logp.sum(-1), None
+
+    return fn
+
+
+def linear_fn(provider: str, device: str, chunk_size: int | None = None) -> LinearFn:
+    """Per-sequence log-prob sums and mean entropies from hidden states and the output weight."""
+    missing = linear_availability(provider, device)
+    if missing is not None:
+        raise Unavailable(*missing)
+    backend = ours_backend(device)
+    if provider == "ours-chunked":
+        def chunked(hidden, weight, labels):
+            out = mpf.linear_sequence_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX,
+                                               chunk_size=chunk_size, backend=backend)
+            return out.logps, out.entropy
+
+        return chunked
+    if provider == "ours-logits":
+        def logits_path(hidden, weight, labels):
+            out = mpf.sequence_logprobs(F.linear(hidden, weight), labels, ignore_index=IGNORE_INDEX,
+                                        backend=backend)
+            return out.logps, out.entropy
+
+        return logits_path
+    if provider == "reference":
+        return _reference_linear
+    if provider == "compiled":
+        return torch.compile(_reference_linear, dynamic=False)
+    return _liger_linear_fn()

@@ -15,9 +15,9 @@ from .harness import Result, environment_header, peak_bandwidth_gbs
 from .providers import LOGP_ONLY
 
 # Spec fields that identify a case apart from its provider, in the order the tables show them.
-SHAPE_KEYS = ("pass", "model", "loss", "batch", "seq", "n", "vocab", "dtype")
-HEADERS = {"pass": "pass", "model": "model", "loss": "loss", "batch": "B", "seq": "T", "n": "N", "vocab": "V",
-           "dtype": "dtype"}
+SHAPE_KEYS = ("pass", "model", "loss", "batch", "seq", "n", "hidden", "vocab", "dtype", "mask_frac")
+HEADERS = {"pass": "pass", "model": "model", "loss": "loss", "batch": "B", "seq": "T", "n": "N", "hidden": "H",
+           "vocab": "V", "dtype": "dtype", "mask_frac": "masked"}
 BASELINES = ("reference", "compiled")
 
 
@@ -56,6 +56,8 @@ def rows(results: list[Result], device_name: str) -> list[dict]:
                    extra_peak_mb=r.extra_peak_bytes / 2**20 if r.extra_peak_bytes is not None else None,
                    extra_peak_x_logits=_ratio(r.extra_peak_bytes, r.input_bytes),
                    notes=r.notes)
+        if r.flops is not None:
+            row["tflops"] = r.tflops
         for base in BASELINES:
             b = by_shape[_shape(r)].get(base)
             b_ok = b is not None and b.status == "ok" and ok
@@ -66,9 +68,13 @@ def rows(results: list[Result], device_name: str) -> list[dict]:
 
 
 def markdown_table(table: list[dict]) -> str:
+    """One line per result. A subject with a FLOP formula (matmul-bound) shows model TFLOP/s in place of
+    the bandwidth columns."""
     shape_cols = [k for k in SHAPE_KEYS if any(k in row for row in table)]
+    flop_table = any("tflops" in row for row in table)
+    work = ["TFLOP/s"] if flop_table else ["GB/s", "% peak"]
     head = [HEADERS[k] for k in shape_cols] + [
-        "provider", "median ms [p20, p80]", "CPU ms", "GB/s", "% peak", "tokens/s",
+        "provider", "median ms [p20, p80]", "CPU ms", *work, "tokens/s",
         "extra peak MiB (× logits)",
         "speed vs ref", "speed vs compiled", "memory vs ref"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -79,12 +85,16 @@ def markdown_table(table: list[dict]) -> str:
             cells += [name, f"{row['status']}: {row['notes']}"] + ["-"] * (len(head) - len(cells) - 2)
         else:
             x = row["extra_peak_x_logits"]
+            if flop_table:
+                work_cells = ["-" if row.get("tflops") is None else f"{row['tflops']:.3g}"]
+            else:
+                work_cells = ["-" if row["gbs"] is None else f"{row['gbs']:.3g}",
+                              "-" if row["pct_peak"] is None else f"{row['pct_peak']:.0f}%"]
             cells += [
                 name,
                 f"{row['median_ms']:.2f} [{row['p20_ms']:.2f}, {row['p80_ms']:.2f}]",
                 "-" if row.get("cpu_median_ms") is None else f"{row['cpu_median_ms']:.1f}",
-                "-" if row["gbs"] is None else f"{row['gbs']:.3g}",
-                "-" if row["pct_peak"] is None else f"{row['pct_peak']:.0f}%",
+                *work_cells,
                 "-" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:,.0f}",
                 _mb(None if row["extra_peak_mb"] is None else row["extra_peak_mb"] * 2**20)
                 + ("" if x is None else f" ({x:.2f}×)"),

@@ -1,12 +1,12 @@
-"""Op and loss-step timings through pytest-benchmark (one process; see ``python -m benchmarks`` for
-isolated cases with peak memory, bandwidth and ratios)."""
+"""Op, memory-mode and loss-step timings through pytest-benchmark (one process; see ``python -m benchmarks``
+for isolated cases with peak memory, bandwidth or FLOP rate, and ratios)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from . import loss_step, op
+from . import linear, loss_step, op
 from .providers import PROVIDERS, Unavailable
 
 
@@ -37,6 +37,18 @@ def test_op(benchmark, bench_config, provider: str, pass_: str) -> None:
             "vocab": cfg["vocab"], "dtype": cfg["dtype"]}
     case = _case_or_skip(op, spec)
     benchmark.extra_info.update(spec, bytes=case.bytes_moved)
+    benchmark.pedantic(_synchronized(case.fn, cfg["device"]), setup=lambda: ((case.setup(),), {}),
+                       rounds=cfg["rounds"], warmup_rounds=cfg["warmup"], iterations=1)
+
+
+@pytest.mark.parametrize("pass_", linear.PASSES)
+@pytest.mark.parametrize("provider", linear.PROVIDERS)
+def test_linear(benchmark, bench_config, provider: str, pass_: str) -> None:
+    cfg = bench_config
+    spec = {"subject": "linear", "provider": provider, "pass": pass_, "device": cfg["device"], "n": cfg["n"],
+            "hidden": cfg["hidden"], "vocab": cfg["vocab"], "dtype": cfg["dtype"]}
+    case = _case_or_skip(linear, spec)
+    benchmark.extra_info.update(spec, flops=case.flops)
     benchmark.pedantic(_synchronized(case.fn, cfg["device"]), setup=lambda: ((case.setup(),), {}),
                        rounds=cfg["rounds"], warmup_rounds=cfg["warmup"], iterations=1)
 

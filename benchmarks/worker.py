@@ -1,7 +1,7 @@
 """Entry point of one isolated case: ``python -m benchmarks.worker '<json spec>'``.
 
-The spec names a subject module of this package (``op``, ``loss_step``, ``train_step``) that provides
-``build_case(spec) -> Case`` and may raise :class:`benchmarks.providers.Unavailable`. The result is
+The spec names a subject module of this package (``op``, ``linear``, ``loss_step``, ``train_step``) that
+provides ``build_case(spec) -> Case`` and may raise :class:`benchmarks.providers.Unavailable`. The result is
 printed as one JSON line after a marker so that library chatter on stdout cannot corrupt it.
 """
 
@@ -17,7 +17,7 @@ import torch
 from .harness import RESULT_MARKER, Result, run_in_process
 from .providers import Unavailable
 
-SUBJECTS = ("op", "loss_step", "train_step")
+SUBJECTS = ("op", "linear", "loss_step", "train_step")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,25 @@
 """Ahead-of-time compilation report of every kernel for sm_80 / sm_90 (no GPU or driver needed).
 
-For each kernel variant x architecture x dtype x V, compiles the shipped launch configuration with
-``triton.compile`` against a ``GPUTarget`` and reads the resource usage of the resulting cubin with the
-``cuobjdump`` shipped in Triton's NVIDIA backend: registers per thread, spill stores/loads (bytes),
-static shared memory, plus the kernel's launch config and an occupancy estimate.
+For each kernel variant x architecture x dtype x V (the per-sequence reduction: x BLOCK_T, which depends
+on T only), compiles the shipped launch configuration with ``triton.compile`` against a ``GPUTarget`` and
+reads the resource usage of the resulting cubin with the ``cuobjdump`` shipped in Triton's NVIDIA backend:
+registers per thread, spill stores/loads (bytes), static shared memory, plus the kernel's launch config,
+an occupancy estimate and the public ops whose Triton path launches it.
+
+A variant is everything fixed at compile time: the kernel, its constexprs (``HAS_GRAD_*``, ``BLOCK_V``,
+``BLOCK_T``), the logits dtype and ``num_warps``. The memory mode (``linear_token_logprobs`` /
+``linear_sequence_logprobs``) calls the same launchers on each chunk of recomputed logits, so it runs the
+same variants as the logits-level ops: its row counts, temperature and ignore_index are runtime
+arguments, and its in-place backward only passes the chunk buffer as both logits and gradient (the
+pointers alias; nothing is recompiled). It never launches ``sequence_reduce`` (its per-sequence sums are
+torch reductions). ``tests/ops/test_aot.py`` records the launches each public op makes and checks
+them against :data:`USED_BY` and this report. Strides are compiled here as generic 64-bit integers;
+at run time Triton's JIT also specialises integer arguments by value (== 1, multiples of 16), so the
+binaries it builds are specialisations of these variants.
 
 Usage::
 
-    python -m mallowspo_fast.ops.aot [--arch 80 90] [--dtype bf16 fp16 fp32] [--vocab 32000 ...]
+    python -m mallowspo_fast.ops.aot [--arch 80 90] [--dtype bf16 fp16 fp32 fp64] [--vocab 32000 ...]
                                      [--json report.json]
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces the compiler).
@@ -27,8 +39,23 @@ from dataclasses import asdict, dataclass
 import torch
 
 ARCHS = (80, 90)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Every logits dtype the public ops accept on the Triton path (fp64 is computed in fp32 like the others).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 VOCABS = (32000, 128256, 151936, 256000)
+LOGITS_OPS = ("token_logprobs", "sequence_logprobs")
+MEMORY_MODE_OPS = ("linear_token_logprobs", "linear_sequence_logprobs")
+# Public ops whose Triton path launches each variant: every backward variant is reachable from each op
+# (upstream grads on log-probs and entropies, on log-probs only, or on entropies only).
+USED_BY = {
+    "fwd": LOGITS_OPS + MEMORY_MODE_OPS,
+    "bwd": LOGITS_OPS + MEMORY_MODE_OPS,
+    "bwd_logp_only": LOGITS_OPS + MEMORY_MODE_OPS,
+    "bwd_entropy_only": LOGITS_OPS + MEMORY_MODE_OPS,
+    "sequence_reduce": ("sequence_logprobs",),
+}
+# BLOCK_T of the per-sequence reduction = min(1024, next power of two of max(T, 16)) (triton_path): one
+# variant per power of two, whatever the dtype and V (rows with dtype and V "any").
+REDUCE_BLOCKS = tuple(2**i for i in range(4, 11))
 # Registers per SM and the per-thread limit are the same on A100 and H100.
 REGS_PER_SM, MAX_THREADS_PER_SM, MAX_CTAS_PER_SM = 65536, 2048, 32
 SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
@@ -38,8 +65,8 @@ SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
 class KernelReport:
     kernel: str
     arch: int
-    dtype: str
-    vocab: int
+    dtype: str | None  # None: the kernel does not depend on the logits dtype and V
+    vocab: int | None
     block: int
     num_warps: int
     registers: int
@@ -47,15 +74,29 @@ class KernelReport:
     spill_loads: int
     shared_bytes: int
     occupancy: float  # resident warps / max warps per SM, from registers and shared memory
+    used_by: list[str]  # public ops whose Triton path launches this variant
 
 
 def _triton_type(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+
+
+def variant_name(kernel: str, constexprs: dict) -> str:
+    """Report name of a launch of ``kernel`` (the jit function's name) with these constexprs."""
+    if kernel == "_token_logprobs_fwd_kernel":
+        return "fwd"
+    if kernel == "_sequence_reduce_kernel":
+        return "sequence_reduce"
+    if kernel == "_token_logprobs_bwd_kernel":
+        flags = (bool(constexprs["HAS_GRAD_LOGP"]), bool(constexprs["HAS_GRAD_ENTROPY"]))
+        return {(True, True): "bwd", (True, False): "bwd_logp_only", (False, True): "bwd_entropy_only"}[flags]
+    raise ValueError(f"variant_name: unknown kernel {kernel!r}")
 
 
 def _variants(dtype: torch.dtype, vocab: int):
-    """(name, jit fn, signature, constexprs, num_warps, block) of every kernel the launchers can run."""
-    from .._kernels import _sequence_reduce_kernel, _token_logprobs_bwd_kernel, _token_logprobs_fwd_kernel
+    """(name, jit fn, signature, constexprs, num_warps, block) of every kernel the launchers can run on
+    logits of ``dtype`` with ``vocab`` columns."""
+    from .._kernels import _token_logprobs_bwd_kernel, _token_logprobs_fwd_kernel
     from .triton_path import launch_config
 
     block, warps = launch_config(vocab, dtype)
@@ -77,12 +118,19 @@ def _variants(dtype: torch.dtype, vocab: int):
     for has_g, has_h, tag in ((True, True, "bwd"), (True, False, "bwd_logp_only"), (False, True, "bwd_entropy_only")):
         consts = {"HAS_GRAD_LOGP": has_g, "HAS_GRAD_ENTROPY": has_h, "BLOCK_V": block}
         yield tag, _token_logprobs_bwd_kernel, bwd_sig, consts, warps, block
+
+
+def _reduce_variants():
+    """The per-sequence reduction at every BLOCK_T its launcher can pick (it depends on T only)."""
+    from .._kernels import _sequence_reduce_kernel
+
     red_sig = {
         "labels_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "seq_logp_ptr": "*fp32",
         "seq_entropy_ptr": "*fp32", "seq_count_ptr": "*i64", "seq_len": "i32",
         "stride_labels_b": "i64", "stride_labels_t": "i64", "ignore_index": "i32", "BLOCK_T": "constexpr",
     }
-    yield "sequence_reduce", _sequence_reduce_kernel, red_sig, {"BLOCK_T": 1024}, 4, 1024
+    for block in REDUCE_BLOCKS:
+        yield "sequence_reduce", _sequence_reduce_kernel, red_sig, {"BLOCK_T": block}, 4, block
 
 
 def _pointer_alignment(fn, signature):
@@ -150,33 +198,39 @@ def compile_report(archs=ARCHS, dtypes=tuple(DTYPES), vocabs=VOCABS) -> list[Ker
     from triton.compiler import ASTSource
 
     reports, cache = [], {}
+
+    def add(arch, dname, vocab, name, fn, sig, consts, warps, block):
+        key = (name, arch, dname, tuple(sorted(consts.items())), warps)
+        if key not in cache:
+            src = ASTSource(fn, sig, constexprs=consts, attrs=_pointer_alignment(fn, sig))
+            kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+            usage = _resource_usage(kernel.asm["cubin"])
+            spill_st, spill_ld = _ptxas_spills(kernel.asm["ptx"], arch)
+            # Local memory in the final cubin is where spills would live: count it too.
+            spill_st = max(spill_st, usage["local"])
+            shared = max(usage["shared"], int(kernel.metadata.shared))
+            cache[key] = (usage["registers"], spill_st, spill_ld, shared)
+        regs, st, ld, shared = cache[key]
+        reports.append(KernelReport(name, arch, dname, vocab, block, warps, regs, st, ld, shared,
+                                    round(_occupancy(regs, warps, shared, arch), 3), list(USED_BY[name])))
+
     for arch in archs:
-        target = GPUTarget("cuda", arch, 32)
         for dname in dtypes:
             for vocab in vocabs:
-                for name, fn, sig, consts, warps, block in _variants(DTYPES[dname], vocab):
-                    key = (name, arch, dname, tuple(sorted(consts.items())), warps)
-                    if key not in cache:
-                        src = ASTSource(fn, sig, constexprs=consts, attrs=_pointer_alignment(fn, sig))
-                        kernel = triton.compile(src, target=target, options={"num_warps": warps})
-                        usage = _resource_usage(kernel.asm["cubin"])
-                        spill_st, spill_ld = _ptxas_spills(kernel.asm["ptx"], arch)
-                        # Local memory in the final cubin is where spills would live: count it too.
-                        spill_st = max(spill_st, usage["local"])
-                        shared = max(usage["shared"], int(kernel.metadata.shared))
-                        cache[key] = (usage["registers"], spill_st, spill_ld, shared)
-                    regs, st, ld, shared = cache[key]
-                    reports.append(KernelReport(name, arch, dname, vocab, block, warps, regs, st, ld, shared,
-                                                round(_occupancy(regs, warps, shared, arch), 3)))
+                for variant in _variants(DTYPES[dname], vocab):
+                    add(arch, dname, vocab, *variant)
+        for variant in _reduce_variants():
+            add(arch, None, None, *variant)
     return reports
 
 
 def format_table(reports: list[KernelReport]) -> str:
-    head = "| kernel | sm | dtype | V | BLOCK | warps | regs | spill st/ld (B) | smem (B) | occupancy |"
-    lines = [head, "|" + "---|" * 10]
+    head = "| kernel | sm | dtype | V | BLOCK | warps | regs | spill st/ld (B) | smem (B) | occupancy | used by |"
+    lines = [head, "|" + "---|" * 11]
     for r in reports:
-        lines.append(f"| {r.kernel} | {r.arch} | {r.dtype} | {r.vocab} | {r.block} | {r.num_warps} | "
-                     f"{r.registers} | {r.spill_stores}/{r.spill_loads} | {r.shared_bytes} | {r.occupancy:.2f} |")
+        lines.append(f"| {r.kernel} | {r.arch} | {r.dtype or 'any'} | {r.vocab or 'any'} | {r.block} | {r.num_warps} | "
+                     f"{r.registers} | {r.spill_stores}/{r.spill_loads} | {r.shared_bytes} | {r.occupancy:.2f} | "
+                     f"{', '.join(r.used_by)} |")
     return "\n".join(lines)
 
 
@@ -189,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     reports = compile_report(args.arch, args.dtype, args.vocab)
     print(format_table(reports))
+    print(f"\nThe memory mode ({', '.join(MEMORY_MODE_OPS)}) launches the same variants as the logits-level ops "
+          "(kernels, constexprs, dtypes, warps); its in-place backward passes one buffer as logits and gradient.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in reports], f, indent=1)

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from benchmarks import loss_step, op, projection, train_step
-from benchmarks.harness import MemoryProbe, Result, peak_bandwidth_gbs, run_in_process, summarize
-from benchmarks.providers import availability
+from benchmarks import linear, loss_step, op, projection, train_step
+from benchmarks.harness import Case, MemoryProbe, Result, peak_bandwidth_gbs, run_in_process, summarize
+from benchmarks.providers import availability, linear_availability
 from benchmarks.report import markdown_table, rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,6 +38,18 @@ def test_summary_is_median_and_20_80_percentiles():
 def test_summary_of_one_sample():
     t = summarize([3.5])
     assert (t.median_ms, t.p20_ms, t.p80_ms) == (3.5, 3.5, 3.5)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS needs Linux /proc")
+def test_extra_peak_leaves_out_the_outputs_a_case_declares():
+    def run(_):
+        return torch.ones(96 * 2**20 // 4)  # 96 MiB, touched by the fill
+
+    spec = {"device": "cpu", "warmup": 0, "repeats": 1}
+    full = run_in_process(Case(run), spec).extra_peak_bytes
+    net = run_in_process(Case(run, output_bytes=80 * 2**20), spec).extra_peak_bytes
+    assert 90 * 2**20 <= full <= 130 * 2**20, full / 2**20
+    assert 10 * 2**20 <= net <= 50 * 2**20 and net < full, net / 2**20
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS needs Linux /proc")
@@ -70,6 +82,13 @@ def test_op_byte_formula_counts_logits_once_per_read_and_write():
     assert op.op_bytes(n, v, "fp32", "fwdbwd") == 3 * n * v * 4
 
 
+def test_linear_flop_formula_counts_the_three_products_over_unmasked_tokens():
+    n, h, v = 1000, 64, 777
+    assert linear.linear_flops(n, h, v, "fwd") == 2 * n * h * v
+    assert linear.linear_flops(n, h, v, "bwd") == 4 * n * h * v
+    assert linear.linear_flops(n, h, v, "fwdbwd") == 6 * n * h * v
+
+
 @pytest.mark.parametrize("n,v,fwd,bwd,total", [(8192, 128256, 0.63, 1.25, 1.88),
                                                (16384, 151936, 1.49, 2.97, 4.46),
                                                (16384, 256000, 2.50, 5.01, 7.51)])
@@ -94,6 +113,35 @@ def test_op_case_runs_every_pass_with_its_byte_count(pass_):
     r = run_in_process(op.build_case(spec), spec)
     assert r.status == "ok" and r.samples == 2 and r.p20_ms <= r.median_ms <= r.p80_ms
     assert r.bytes_moved == op.op_bytes(12, 50, "fp32", pass_) and r.input_bytes == 12 * 50 * 4
+
+
+@pytest.mark.parametrize("pass_", linear.PASSES)
+def test_linear_case_runs_every_pass_with_its_flops_and_gradient_outputs(pass_):
+    spec = {"subject": "linear", "device": "cpu", "provider": "ours-chunked", "pass": pass_, "n": 40, "hidden": 8,
+            "vocab": 50, "dtype": "fp32", "mask_frac": 0.5, "chunk_size": 4, "warmup": 1, "repeats": 2,
+            "memory": False}
+    case = linear.build_case(spec)
+    r = run_in_process(case, spec)
+    assert r.status == "ok" and r.samples == 2 and r.p20_ms <= r.median_ms <= r.p80_ms
+    assert 0 < r.tokens < 40 and r.flops == linear.linear_flops(r.tokens, 8, 50, pass_)  # unmasked tokens only
+    assert r.input_bytes == 40 * 50 * 4 and r.tflops > 0 and r.gbs is None
+    assert case.output_bytes == (0 if pass_ == "fwd" else (40 * 8 + 50 * 8) * 4)
+
+
+def test_linear_inputs_are_sequences_of_the_requested_tokens():
+    hidden, weight, labels, g, e = linear.make_inputs(36, 8, 50, "bf16", "cpu", mask_frac=0.5)
+    assert hidden.shape == (4, 9, 8) and weight.shape == (50, 8) and labels.shape == (4, 9)
+    assert hidden.dtype == weight.dtype == torch.bfloat16 and hidden.requires_grad and weight.requires_grad
+    assert g.shape == e.shape == (4,) and 0 < int((labels == -100).sum()) < 36
+
+
+@pytest.mark.parametrize("provider", ["ours-chunked", "ours-logits", "reference"])
+def test_linear_providers_agree_with_the_reference(provider):
+    hidden, weight, labels, _, _ = linear.make_inputs(16, 8, 40, "fp32", "cpu", mask_frac=0.25)
+    logps, entropy = linear.linear_fn(provider, "cpu", chunk_size=3)(hidden, weight, labels)
+    ref_logps, ref_entropy = linear.linear_fn("reference", "cpu")(hidden, weight, labels)
+    torch.testing.assert_close(logps, ref_logps, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(entropy, ref_entropy, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("loss", loss_step.LOSSES)
@@ -148,6 +196,19 @@ def test_ratios_are_against_the_reference_and_compiled_of_the_same_shape():
     assert table["trl"]["speedup_vs_reference"] is None
     md = markdown_table(list(table.values()))
     assert "| trl | not installed" in md and "4.00×" in md
+    assert "| GB/s | % peak |" in md and "TFLOP/s" not in md
+
+
+def test_flop_subjects_show_tflops_in_place_of_bandwidth():
+    spec = {"provider": "ours-chunked", "pass": "fwdbwd", "n": 8, "hidden": 4, "vocab": 16, "dtype": "fp32",
+            "mask_frac": 0.0, "device": "cpu"}
+    ok = Result(spec, "ok", 2.0, 2.0, 2.0, 1, 100, 1000, None, 8, flops=6e9)
+    liger = Result({**spec, "provider": "liger"}, "unsupported", notes="Liger-Kernel runs on CUDA only")
+    table = rows([ok, liger], "cpu")
+    assert table[0]["tflops"] == pytest.approx(3.0) and table[0]["gbs"] is None
+    md = markdown_table(table)
+    assert "| pass | N | H | V | dtype | masked | provider |" in md and "| TFLOP/s |" in md and "GB/s" not in md
+    assert "| 3 |" in md and "| liger (log-prob only) | unsupported: Liger-Kernel runs on CUDA only |" in md
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -171,22 +232,46 @@ def test_op_command_writes_table_csv_plot_and_header(tmp_path):
     assert (tmp_path / "op.png").stat().st_size > 0 and (tmp_path / "results.md").read_text() + "\n" == text
 
 
-def test_suite_quick_mode_runs_op_and_projection(tmp_path):
-    proc = _run("benchmarks", "--quick", "--device", "cpu", "--subjects", "op", "projection", "--providers",
-                "ours", "liger", "--passes", "fwdbwd", "--no-compile", "--out", str(tmp_path))
+def test_linear_command_compares_the_memory_mode_with_the_logits_path(tmp_path):
+    # 8 MiB of logits; 16-row chunks of the memory mode hold 0.5 MiB.
+    proc = _run("benchmarks.linear", "--device", "cpu", "--n", "256", "--hidden", "16", "--vocab", "8192",
+                "--pass", "fwdbwd", "--providers", "ours-chunked", "ours-logits", "liger", "--chunk-size", "16",
+                "--warmup", "0", "--repeats", "2", "--out", str(tmp_path))
+    text = proc.stdout
+    status, reason = linear_availability("liger", "cpu")
+    assert f"| fwdbwd | 256 | 16 | 8192 | fp32 | 0.0 | liger (log-prob only) | {status}: {reason} |" in text
+    with open(tmp_path / "linear.csv") as f:
+        table = {r["provider"]: r for r in csv.DictReader(f)}
+    chunked, logits = table["ours-chunked"], table["ours-logits"]
+    assert chunked["status"] == logits["status"] == "ok" and float(chunked["tflops"]) > 0
+    # The logits path holds the logits and their gradient; the memory mode a few chunks.
+    assert float(logits["extra_peak_x_logits"]) >= 1.0
+    assert float(chunked["extra_peak_mb"]) < 0.5 * float(logits["extra_peak_mb"])
+    assert (tmp_path / "linear.png").stat().st_size > 0
+
+
+def test_suite_quick_mode_runs_op_linear_and_projection(tmp_path):
+    proc = _run("benchmarks", "--quick", "--device", "cpu", "--subjects", "op", "linear", "projection",
+                "--providers", "ours", "liger", "--passes", "fwdbwd", "--no-compile", "--out", str(tmp_path))
     text = proc.stdout
     assert "## op" in text and "| fwdbwd | 256 | 2048 | fp32 | ours | " in text
     status, reason = availability("liger", "cpu")  # never runnable on CPU: not installed, or CUDA-only
     assert f"| liger (log-prob only) | {status}: {reason} |" in text
+    # "ours" selects both of our hidden-state paths; Liger's fused linear cross entropy is listed, not dropped.
+    assert "## linear" in text
+    for provider in ("ours-chunked", "ours-logits"):
+        assert f"| fwdbwd | 256 | 64 | 2048 | fp32 | 0.0 | {provider} | " in text
+    assert text.count("| liger (log-prob only) |") == 2
     assert "**Projection, not a measurement**" in text and "| H100 SXM | 3,350 | 8192 | 32000 | bf16 |" in text
-    assert sorted(os.listdir(tmp_path)) == ["op.csv", "op.png", "results.md"]
+    assert sorted(os.listdir(tmp_path)) == ["linear.csv", "linear.png", "op.csv", "op.png", "results.md"]
 
 
 @pytest.mark.slow
 def test_suite_quick_mode_runs_every_subject(tmp_path):
     proc = _run("benchmarks", "--quick", "--device", "cpu", "--out", str(tmp_path), timeout=900)
-    for section in ("## op", "## loss_step", "## train_step", "## projection", "| sequence_reduce | 90 |"):
+    for section in ("## op", "## linear", "## loss_step", "## train_step", "## projection",
+                    "| sequence_reduce | 90 |"):
         assert section in proc.stdout
-    for subject in ("op", "loss_step", "train_step"):
+    for subject in ("op", "linear", "loss_step", "train_step"):
         with open(tmp_path / f"{subject}.csv") as f:
             assert any(r["status"] == "ok" for r in csv.DictReader(f))

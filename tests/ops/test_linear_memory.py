@@ -3,7 +3,7 @@ chunk of logits temporaries and O(N) statistics, against ~2x the logits for the 
 
 Measured as the kernel's resident-memory high-water mark of an isolated process (reset through
 /proc/self/clear_refs once the inputs exist). The full-size acceptance figures (N=4096, H=512,
-V=128256) come from ``python -m benchmarks.linear_memory``; this is the same measurement, smaller.
+V=128256) come from ``python -m benchmarks.linear --device cpu``; this is the same measurement, smaller.
 """
 
 from __future__ import annotations
