@@ -266,7 +266,6 @@ def test_suite_quick_mode_runs_op_linear_and_projection(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["linear.csv", "linear.png", "op.csv", "op.png", "results.md"]
 
 
-@pytest.mark.slow
 def test_suite_quick_mode_runs_every_subject(tmp_path):
     proc = _run("benchmarks", "--quick", "--device", "cpu", "--out", str(tmp_path), timeout=900)
     for section in ("## op", "## linear", "## loss_step", "## train_step", "## projection",

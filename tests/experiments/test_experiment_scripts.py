@@ -156,7 +156,6 @@ def test_tiny_lm_missing_cache_is_an_explicit_error(tmp_path):
         tiny_lm.dispersion_of(str(tmp_path))
 
 
-@pytest.mark.slow
 def test_tiny_lm_quick_end_to_end(tmp_path):
     result = tiny_lm.main(["--quick", "--seeds", "2", "--out", str(tmp_path / "out")])
     assert len(result["table"]) == 3 and len(result["tests"]) == 4

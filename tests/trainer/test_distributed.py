@@ -1,4 +1,4 @@
-"""Two CPU ranks under ZeRO-3 through the launchers (deepspeed; torchrun in the slow suite).
+"""Two CPU ranks under ZeRO-3 through the launchers (deepspeed and torchrun).
 
 The two-rank run must train (finite, decreasing loss on the memorisable set) and must equal the
 single-process run with the same global batch step by step: that checks the data sharding, the
@@ -95,7 +95,6 @@ def test_two_rank_zero3_chunked_logits_matches_the_normal_path(pairs_file: Path,
     _check_against_single_rank(two, pairs_file, tokenizer_dir, tmp_path)
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_rank_zero3_with_torchrun(pairs_file: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
     two = tmp_path / "two_ranks"
