@@ -8,8 +8,8 @@ Layout (the DeepSpeed layout, so ``zero_to_fp32.py`` works on it)::
         rng_state_<rank>.pt                  python / numpy / torch (/ cuda) RNG state of each rank
         trainer_state.json                   step, epoch, consumed samples, config (readable)
 
-The ``client_state`` stored by DeepSpeed holds the step, the data order position (epoch, step in epoch),
-consumed samples, tokens seen and the resolved phi_star.
+The ``client_state`` stored by DeepSpeed holds the step, the data order position (epoch and step in epoch;
+for a streamed split, epoch and rows read in the epoch), consumed samples, tokens seen and the resolved phi_star.
 """
 
 from __future__ import annotations

@@ -65,9 +65,14 @@ class TrainConfig:
                                   "or hub name", group="data")
     dataset_train_split: str = _f("train", "split used for training", group="data")
     dataset_test_split: str | None = _f(None, "split used for evaluation (none: no eval split unless "
-                                        "eval_ratio is set)", group="data")
+                                        "eval_ratio or eval_size is set)", group="data")
     eval_ratio: float = _f(0.0, "fraction of the training split held out for evaluation (0: none)",
                            group="data")
+    eval_size: int = _f(0, "pairs held out from the training split for evaluation (0: none): a seeded random "
+                        "sample, or with streaming the first N rows of the stream", group="data")
+    streaming: bool = _f(False, "read the training split as a stream (rows loaded and tokenised as they are "
+                         "read, never all in memory); needs max_steps, and with a reference-based loss "
+                         "precompute_ref_log_probs=false and a numeric phi_star", group="data")
     column_mapping: dict | None = _f(None, "canonical name -> column, e.g. {prompt: question, chosen: "
                                      "good, rejected: bad}", group="data")
     max_train_samples: int | None = _f(None, "use only the first N training pairs", group="data")
@@ -439,8 +444,11 @@ def validate(cfg: TrainConfig, *, world_size: int | None = None) -> None:
         _require(Path(cfg.dataset_name).expanduser().exists(), f"dataset_name={cfg.dataset_name!r}: no such file "
                  "or directory")
     _require(0.0 <= cfg.eval_ratio < 1.0, f"eval_ratio must be in [0, 1), found {cfg.eval_ratio}")
-    _require(not (cfg.eval_ratio > 0 and cfg.dataset_test_split),
-             "give either dataset_test_split or eval_ratio for the eval split, not both")
+    _require(cfg.eval_size >= 0, f"eval_size must be >= 0, found {cfg.eval_size}")
+    held_out = [f"{k}={getattr(cfg, k)!r}" for k in ("dataset_test_split", "eval_ratio", "eval_size")
+                if getattr(cfg, k)]
+    _require(len(held_out) <= 1, f"give one of dataset_test_split, eval_ratio and eval_size for the eval split, "
+             f"found {', '.join(held_out)}")
     for key in ("max_train_samples", "max_eval_samples", "max_length", "max_prompt_length", "pad_to_multiple_of",
                 "dataset_num_proc"):
         value = getattr(cfg, key)
@@ -459,6 +467,7 @@ def validate(cfg: TrainConfig, *, world_size: int | None = None) -> None:
         _require(getattr(cfg, name) in choices, f"{name} must be one of {choices}, found {getattr(cfg, name)!r}")
     _validate_loss(cfg)
     _validate_optim(cfg, _world_size(world_size))
+    _validate_streaming(cfg)
     _validate_runtime(cfg)
 
 
@@ -516,6 +525,29 @@ def _validate_optim(cfg: TrainConfig, world_size: int) -> None:
              "zero_stage=3")
     if isinstance(cfg.deepspeed, str):
         _require(Path(cfg.deepspeed).is_file(), f"deepspeed={cfg.deepspeed!r}: no such JSON file")
+
+
+def _validate_streaming(cfg: TrainConfig) -> None:
+    """A streamed training split has no length and is read once per epoch: refuse what needs more."""
+    if not cfg.streaming:
+        return
+    _require(cfg.max_steps >= 1, "streaming=true needs max_steps >= 1: a streamed training split has no length, "
+             f"so num_train_epochs cannot be turned into a number of steps (found max_steps={cfg.max_steps})")
+    _require(cfg.eval_ratio == 0, f"streaming=true: eval_ratio={cfg.eval_ratio} needs the length of the training "
+             "split; hold out the first N rows of the stream with eval_size=N, or give dataset_test_split")
+    if cfg.needs_reference:
+        needed = []
+        if cfg.precompute_ref_log_probs:
+            needed.append("precompute_ref_log_probs=false (the precomputed reference pass reads the whole training "
+                          "split before the first step; false scores each micro-batch with a live reference engine)")
+        if cfg.phi_star == "auto":
+            needed.append("a numeric phi_star (phi_star=auto averages over a reference pass on the whole training "
+                          "split; give e.g. the value a non-streamed run logged, or 0.29)")
+        _require(not needed, f"streaming=true with loss_type={cfg.loss_type!r} (reads reference values) needs "
+                 + " and ".join(needed))
+    _require(cfg.sft_warmup_steps == 0, f"streaming=true: sft_warmup_steps={cfg.sft_warmup_steps} is not supported "
+             "(the warm-up's data order and cache key need the length of the training split); run the warm-up as "
+             "a separate non-streamed job and pass its output as model_name_or_path, or set sft_warmup_steps=0")
 
 
 def _validate_runtime(cfg: TrainConfig) -> None:

@@ -206,9 +206,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_ds = B.tokenize(cfg, raw_train, tokenizer)
     eval_ds = B.tokenize(cfg, raw_eval, tokenizer) if raw_eval is not None else None
     collator = D.PreferenceCollator(tokenizer.pad_token_id, cfg.pad_to_multiple_of)
-    order = B.TrainOrder(len(train_ds), cfg.per_device_train_batch_size, state.world_size,
-                         cfg.gradient_accumulation_steps, cfg.seed)
-    total = B.total_steps(cfg, order)
+    batches = B.train_batches(cfg, train_ds, state)  # map-style (shuffled order) or a stream
+    total = B.total_steps(cfg, batches)
 
     # --- model, reference, resume -------------------------------------------------------------------
     source = cfg.model_name_or_path
@@ -225,13 +224,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if resume is not None:
         C.check_compatible(resume, cfg)
         client = C.load(engine, resume, state)
-        saved = client.get("order", {})
-        if saved.get("global_batch") != order.global_batch or saved.get("n") != order.n:
-            raise ValueError(
-                f"{resume} was saved with a global batch of {saved.get('global_batch')} over {saved.get('n')} "
-                f"pairs; this run has {order.global_batch} over {order.n}. Resume with the same data, world "
-                "size, per_device_train_batch_size and gradient_accumulation_steps")
         step, num_tokens = int(client["step"]), int(client.get("num_tokens", 0))
+        batches.restore(client, step, resume)
         logger.info("resumed from %s at step %d", resume, step)
 
     # --- loop ---------------------------------------------------------------------------------------
@@ -241,17 +235,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     engine.train()
 
     def client_state() -> dict[str, Any]:
-        epoch, s = divmod(step, order.steps_per_epoch)
-        return {"step": step, "epoch": epoch, "step_in_epoch": s, "consumed_samples": step * order.global_batch,
-                "num_tokens": log.num_tokens, "phi_star": ref.phi_star, "world_size": state.world_size,
-                "order": {"seed": cfg.seed, "global_batch": order.global_batch, "n": order.n}}
+        return {"step": step, **batches.position(step), "consumed_samples": step * batches.global_batch,
+                "num_tokens": log.num_tokens, "phi_star": ref.phi_star, "world_size": state.world_size}
 
     with C.StopSignal() as stop:
         while step < total:
-            epoch, s = divmod(step, order.steps_per_epoch)
-            for m in range(cfg.gradient_accumulation_steps):
-                indices = order.micro_batch(epoch, s, m, state.rank)
-                batch = to_device(collator(B.rows(train_ds, indices)), state.device)
+            for micro_rows in batches.micro_batches(step, state.rank):
+                batch = to_device(collator(micro_rows), state.device)
                 ref_batch = ref.batch(batch, "train", state.device)
                 out = forward_logprobs(engine, batch, backend=backend_arg(cfg), logits_mean=True)
                 res = preference_batch_loss(cfg, out, ref_batch, ref.phi_star)
@@ -261,12 +251,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             step += 1
             log.advance()
             if step % cfg.logging_steps == 0 or step == total:
-                rec = log.log_train(step, step / order.steps_per_epoch, {
+                rec = log.log_train(step, batches.epoch_at(step), {
                     "grad_norm": _grad_norm(engine), "learning_rate": float(engine.get_lr()[0]),
                     "peak_memory_mb": max_over_ranks(peak_memory_mb(state.device), state)})
                 result.history.append(rec["loss"])
             if eval_ds is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-                log.log_eval(step, step / order.steps_per_epoch, evaluate(cfg, state, engine, eval_ds, collator, ref))
+                log.log_eval(step, batches.epoch_at(step), evaluate(cfg, state, engine, eval_ds, collator, ref))
                 evaluated_at = step
             stopping = any_rank(stop.received is not None, state)
             if stopping or (cfg.save_steps and step % cfg.save_steps == 0):
@@ -282,7 +272,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # --- end: eval, checkpoint, export, curves -----------------------------------------------------
     if result.stopped_by is None:
         if eval_ds is not None and evaluated_at != step:
-            log.log_eval(step, step / order.steps_per_epoch, evaluate(cfg, state, engine, eval_ds, collator, ref))
+            log.log_eval(step, batches.epoch_at(step), evaluate(cfg, state, engine, eval_ds, collator, ref))
         if saved_at != step:
             result.checkpoint_dir = str(C.save(engine, cfg.output_dir, step, client_state(), state, cfg.to_dict(),
                                                cfg.save_total_limit))

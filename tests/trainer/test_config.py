@@ -76,6 +76,19 @@ def test_unknown_key_names_it_and_suggests(base: dict) -> None:
         ("dataset_name=/nonexistent/data.json", "no such file or directory"),
         ("logprob_backend=cuda", "logprob_backend must be one of"),
         ("model_config.hidden_size.x=1", "model_config.hidden_size is 32, not a mapping"),
+        ("eval_size=-1", "eval_size must be >= 0"),
+        ("eval_size=2;eval_ratio=0.1", "give one of dataset_test_split, eval_ratio and eval_size for the eval split, "
+                                       "found eval_ratio=0.1, eval_size=2"),
+        ("streaming=true", "streaming=true needs max_steps >= 1: a streamed training split has no length"),
+        ("streaming=true;max_steps=5", "streaming=true with loss_type='mallows_theta' (reads reference values) "
+                                       "needs precompute_ref_log_probs=false (the precomputed reference pass"),
+        ("streaming=true;max_steps=5;precompute_ref_log_probs=false;phi_star=auto",
+         "(reads reference values) needs a numeric phi_star (phi_star=auto averages"),
+        ("streaming=true;max_steps=5;phi_star=auto", "live reference engine) and a numeric phi_star"),
+        ("streaming=true;max_steps=5;loss_type=simpo;eval_ratio=0.1", "streaming=true: eval_ratio=0.1 needs the "
+                                                                       "length of the training split"),
+        ("streaming=true;max_steps=5;loss_type=simpo;sft_warmup_steps=3",
+         "streaming=true: sft_warmup_steps=3 is not supported"),
     ],
     ids=lambda v: v if "=" in v else "",
 )
@@ -83,6 +96,15 @@ def test_invalid_values_are_rejected_with_the_key(base: dict, override: str, mes
     values = dict(base, max_length=32, max_prompt_length=16, per_device_train_batch_size=4)
     with pytest.raises(ValueError, match=re.escape(message)):
         load_config(None, override.split(";"), base=values, world_size=1)
+
+
+def test_streaming_combinations_that_are_accepted(base: dict) -> None:
+    cfg = load_config(None, ["streaming=true", "max_steps=5", "precompute_ref_log_probs=false", "eval_size=4"],
+                      base=base)
+    assert cfg.streaming and cfg.eval_size == 4
+    # No reference read by the loss: nothing to precompute, phi_star unused.
+    assert load_config(None, ["streaming=true", "max_steps=5", "loss_type=simpo", "phi_star=auto",
+                              "dataset_test_split=test"], base=base).streaming
 
 
 def test_label_smoothing_half_is_rejected_for_robust_only(base: dict) -> None:
