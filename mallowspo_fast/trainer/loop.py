@@ -113,8 +113,8 @@ def sft_warmup(cfg: TrainConfig, state: DistState, tokenizer: Any, train_ds: Any
     if state.is_main:
         key_file.write_text(key + "\n")
     barrier(state)
+    release_engines(engine)
     del engine
-    gc.collect()
     return str(out_dir)
 
 
@@ -287,4 +287,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     result.eval_metrics = {k: v for k, v in log.last_eval.items() if isinstance(v, (int, float))}
     result.seconds = time.perf_counter() - t0
     barrier(state)
+    release_engines(engine, getattr(ref.live, "engine", None))
     return result
+
+
+def release_engines(*engines: Any) -> None:
+    """Free DeepSpeed engines now (their hooks and ZeRO buffers; a 2 GB gradient bucket is reserved
+    even on CPU), so that a process calling ``train`` several times does not accumulate them."""
+    for engine in engines:
+        if engine is not None and hasattr(engine, "destroy"):
+            engine.destroy()
+    gc.collect()

@@ -108,3 +108,23 @@ def test_bad_data_gives_a_clear_error(tokenizer_dir: Path, tmp_path: Path, capsy
 def test_too_little_data_for_one_global_batch(pairs_file: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="has 3 pairs, fewer than one global batch of 4"):
         run(pairs_file, tokenizer_dir, tmp_path / "out", max_train_samples=3)
+
+
+def _vm_size_mib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) // 1024
+    raise RuntimeError("VmSize not found")
+
+
+def test_repeated_training_in_one_process_frees_its_engines(pairs_file: Path, tokenizer_dir: Path,
+                                                            tmp_path: Path) -> None:
+    # Each ZeRO-3 engine reserves ~2 GB of gradient buckets (virtual memory even on CPU); a process that
+    # calls train() repeatedly (sweeps, experiments, notebooks) must not keep them: forks start failing.
+    run(pairs_file, tokenizer_dir, tmp_path / "warm", max_steps=1)
+    before = _vm_size_mib()
+    for i in range(2):
+        run(pairs_file, tokenizer_dir, tmp_path / f"again{i}", max_steps=1, precompute_ref_log_probs=False,
+            loss_type="mallows_theta", phi_star=0.5)
+    assert _vm_size_mib() - before < 1024, "DeepSpeed engines (policy or live reference) were not released"
