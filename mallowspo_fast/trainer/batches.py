@@ -30,6 +30,7 @@ from .launch import DistState, barrier
 
 logger = logging.getLogger("mallowspo_fast.trainer")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "index")
+KTO_TOKEN_COLUMNS = ("prompt_ids", "completion_ids", "label", "index")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -74,10 +75,11 @@ def load_raw_splits(cfg: TrainConfig) -> tuple[Any, Any]:
     IterableDataset and the eval split (``dataset_test_split``, or the first ``eval_size`` rows of the stream)
     is read into memory once: evaluation shards a split of known length over the ranks."""
     kwargs = dict(column_mapping=cfg.column_mapping, num_proc=cfg.dataset_num_proc, streaming=cfg.streaming)
-    train = D.load_preference_data(cfg.dataset_name, split=cfg.dataset_train_split, **kwargs)
+    load = D.load_unpaired_data if cfg.is_kto else D.load_preference_data
+    train = load(cfg.dataset_name, split=cfg.dataset_train_split, **kwargs)
     evals = None
     if cfg.dataset_test_split:
-        evals = D.load_preference_data(cfg.dataset_name, split=cfg.dataset_test_split, **kwargs)
+        evals = load(cfg.dataset_name, split=cfg.dataset_test_split, **kwargs)
     elif cfg.eval_ratio > 0 or cfg.eval_size > 0:
         train, evals = D.train_eval_split(train, eval_ratio=cfg.eval_ratio or None, eval_size=cfg.eval_size or None,
                                           seed=cfg.seed)
@@ -100,18 +102,71 @@ def _in_memory(stream: datasets.IterableDataset, limit: int | None) -> datasets.
 
 
 def tokenize(cfg: TrainConfig, ds: Any, tokenizer: Any) -> Any:
-    """Token ids with ``index`` = the row's position (the key of precomputed reference values)."""
-    tok = D.tokenize_preference_data(ds, tokenizer, max_length=cfg.max_length,
-                                     max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode,
-                                     num_proc=cfg.dataset_num_proc)
+    """Token ids with ``index`` = the row's position (the key of precomputed reference values).
+
+    KTO (unpaired) rows also get ``kl_completion_ids`` (:func:`kl_completions`): the mismatched completion
+    that the row's prompt is scored with for the KL estimate z0.
+    """
+    fn = D.tokenize_unpaired_data if cfg.is_kto else D.tokenize_preference_data
+    columns = KTO_TOKEN_COLUMNS if cfg.is_kto else TOKEN_COLUMNS
+    tok = fn(ds, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+             truncation_mode=cfg.truncation_mode, num_proc=cfg.dataset_num_proc)
     if isinstance(tok, datasets.IterableDataset):
-        return tok.select_columns(list(TOKEN_COLUMNS))  # index: position in the stream (kept rows)
-    tok = tok.select_columns([c for c in TOKEN_COLUMNS if c in tok.column_names])
+        return tok.select_columns(list(columns))  # index: position in the stream (kept rows)
+    tok = tok.select_columns([c for c in columns if c in tok.column_names])
     if "index" not in tok.column_names or tok["index"] != list(range(len(tok))):
         if "index" in tok.column_names:
             tok = tok.remove_columns("index")
         tok = tok.add_column("index", list(range(len(tok))))
+    if cfg.is_kto:
+        if len(tok) < 2:
+            raise ValueError(f"loss_type=kto needs at least 2 rows per split (the KL estimate pairs each prompt "
+                             f"with another row's completion), found {len(tok)}")
+        tok = tok.add_column("kl_completion_ids", kl_completions(tok["completion_ids"], cfg.seed))
     return tok
+
+
+def kl_completions(completions: list[list[int]], seed: int) -> list[list[int]]:
+    """For each row, another row's completion: rows are visited in a ``randperm(N)`` order seeded with
+    ``seed`` and each takes the completion of the row before it in that cycle (never its own for N >= 2).
+    The pairing is fixed at dataset level, like TRL's KL dataset, so it does not depend on batching or
+    sharding; the random cycle keeps rows of one prompt (e.g. a split preference pair, stored side by
+    side) from scoring each other's completion."""
+    perm = torch.randperm(len(completions), generator=torch.Generator().manual_seed(seed)).tolist()
+    out: list[list[int]] = [[] for _ in completions]
+    for j, i in enumerate(perm):
+        out[i] = completions[perm[j - 1]]
+    return out
+
+
+@dataclass
+class KTOCollator:
+    """Unpaired rows -> one [2B, L] batch: rows 0..B-1 prompt_b + completion_b, rows B..2B-1 the KL rows
+    prompt_b + kl_completion_b, padded to one length so that the policy (and a ZeRO-3 reference) runs a
+    single forward; plus ``label`` bool [B] and ``index``."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        self._collate = D.UnpairedCollator(self.pad_token_id, self.pad_to_multiple_of, kl_rows=False)
+
+    def __call__(self, rows_: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self._collate(rows_)
+        kl = self._collate([{"prompt_ids": r["prompt_ids"], "completion_ids": r["kl_completion_ids"],
+                             "label": r["label"]} for r in rows_])
+        length = max(batch["input_ids"].shape[1], kl["input_ids"].shape[1])
+        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": D.IGNORE_INDEX}
+        for key, value in fill.items():
+            a, b = (torch.nn.functional.pad(t[key], (0, length - t[key].shape[1]), value=value) for t in (batch, kl))
+            batch[key] = torch.cat([a, b])
+        return batch
+
+
+def collator(cfg: TrainConfig, tokenizer: Any) -> Any:
+    """The collator of the configured loss: paired (chosen rows, then rejected rows) or KTO's."""
+    kind = KTOCollator if cfg.is_kto else D.PreferenceCollator
+    return kind(tokenizer.pad_token_id, cfg.pad_to_multiple_of)
 
 
 def dataset_fingerprint(ds: Any) -> str:
@@ -120,7 +175,8 @@ def dataset_fingerprint(ds: Any) -> str:
     h.update(str(len(ds)).encode())
     for i in sorted({0, len(ds) // 2, len(ds) - 1}):
         row = ds[i]
-        h.update(json.dumps([row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]]).encode())
+        h.update(json.dumps([row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label")
+                             if k in row]).encode())
     return h.hexdigest()[:16]
 
 

@@ -21,7 +21,8 @@ from typing import Any, Union
 
 from ..losses import LOSS_TYPES
 
-TRAINER_LOSS_TYPES = (*LOSS_TYPES, "orpo")  # orpo has its own loss function (no reference model)
+# orpo has its own loss function (no reference model); kto trains on unpaired (prompt, completion, label) rows
+TRAINER_LOSS_TYPES = (*LOSS_TYPES, "orpo", "kto")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 LOGPROB_BACKENDS = ("auto", "triton", "torch", "reference")
 LOGITS_MODES = ("logits", "chunked")
@@ -89,6 +90,8 @@ class TrainConfig:
                                     group="loss", choices=TRAINER_LOSS_TYPES)
     loss_weights: list[float] | None = _f(None, "one weight per loss_type entry (default all 1)", group="loss")
     beta: float = _f(0.1, "inverse temperature beta (lambda for orpo)", group="loss")
+    desirable_weight: float = _f(1.0, "kto: weight lambda_D of the desirable (label true) rows", group="loss")
+    undesirable_weight: float = _f(1.0, "kto: weight lambda_U of the undesirable (label false) rows", group="loss")
     label_smoothing: float = _f(0.0, "label smoothing epsilon (conservative DPO / robust)", group="loss")
     phi_star: float | str = _f(0.29, "dispersion scale phi* (official neg_log_dispersion_mean) or 'auto' "
                                "(mean dispersion weight 1 over the training set)", group="loss")
@@ -171,6 +174,11 @@ class TrainConfig:
     @property
     def loss_types(self) -> list[str]:
         return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @property
+    def is_kto(self) -> bool:
+        """Unpaired data (prompt, completion, label) and the KTO loss."""
+        return self.loss_types == ["kto"]
 
     @property
     def uses_mallows(self) -> bool:
@@ -478,6 +486,8 @@ def _validate_loss(cfg: TrainConfig) -> None:
         _require(t in TRAINER_LOSS_TYPES, f"loss_type {t!r} is not supported; expected one of {TRAINER_LOSS_TYPES}")
     _require(len(set(types_)) == len(types_), f"loss_type {types_} repeats an entry")
     _require("orpo" not in types_ or len(types_) == 1, "orpo cannot be combined with other loss types")
+    _require("kto" not in types_ or len(types_) == 1, f"loss_type {types_}: kto trains on unpaired data "
+             "(prompt, completion, label) and cannot be combined with the paired losses; use loss_type=kto alone")
     if cfg.loss_weights is not None:
         _require(len(cfg.loss_weights) == len(types_), f"loss_weights has {len(cfg.loss_weights)} entries but "
                  f"loss_type has {len(types_)}")
@@ -493,6 +503,27 @@ def _validate_loss(cfg: TrainConfig) -> None:
         _require(0.0 <= cfg.mixing_alpha <= 1.0, f"mixing_alpha must be in [0, 1], found {cfg.mixing_alpha}")
     for key in ("home_advantage", "simpo_gamma", "sft_coef"):
         _require(math.isfinite(getattr(cfg, key)), f"{key} must be finite, found {getattr(cfg, key)}")
+    for key in ("desirable_weight", "undesirable_weight"):
+        value = getattr(cfg, key)
+        _require(value >= 0 and math.isfinite(value), f"{key} must be a finite number >= 0, found {value}")
+    if cfg.is_kto:
+        _validate_kto(cfg)
+
+
+def _validate_kto(cfg: TrainConfig) -> None:
+    """KTO reads a live reference on the mismatched (KL) rows of each micro-batch: refuse what assumes pairs
+    or a precomputed table."""
+    _require(not cfg.precompute_ref_log_probs, "loss_type=kto needs precompute_ref_log_probs=false: the KL "
+             "estimate z0 scores mismatched prompt/completion rows with the reference at every step, which the "
+             "precomputed (paired) reference table does not hold; a live reference engine scores them")
+    refused = {"reference_free": cfg.reference_free, "loss_weights": cfg.loss_weights is not None,
+               "length_normalization": cfg.length_normalization, "add_sft_loss": cfg.add_sft_loss,
+               "rpo_alpha": cfg.rpo_alpha is not None, "label_smoothing": cfg.label_smoothing != 0,
+               "sft_warmup_steps": cfg.sft_warmup_steps != 0, "streaming": cfg.streaming,
+               "phi_star": cfg.phi_star == "auto"}
+    bad = [f"{k}={getattr(cfg, k)!r}" for k, on in refused.items() if on]
+    _require(not bad, f"loss_type=kto does not support {', '.join(bad)} (paired-loss or paired-data options; "
+             "streaming: the KL rows pair each row with another row of the split); reset them to their defaults")
 
 
 def _validate_optim(cfg: TrainConfig, world_size: int) -> None:

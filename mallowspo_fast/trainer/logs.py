@@ -19,6 +19,7 @@ import torch
 
 from .config import TrainConfig
 from .launch import DistState
+from .step import kto_means
 
 logger = logging.getLogger("mallowspo_fast.trainer")
 METRICS_FILE = "metrics.jsonl"
@@ -38,6 +39,11 @@ def _all_reduce_sum(t: torch.Tensor, state: DistState) -> torch.Tensor:
 
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def is_additive(key: str) -> bool:
+    """A metric summed (not averaged) over a logging window and the ranks: TRL's KTO sums and counts."""
+    return key.endswith("_sum") or key.startswith("count/")
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
@@ -104,11 +110,14 @@ class MetricLogger:
         keys = sorted(self.sums)
         vec = torch.stack([self.sums[k].float() for k in keys] + [self.tokens.float()])
         vec = _all_reduce_sum(vec, self.state)
-        values = (vec[:-1] / (max(1, self.count) * self.state.world_size)).tolist()
+        # Sums and counts (KTO's *_sum, count/*) are totals over the window and ranks, the rest are means.
+        steps = max(1, self.count) * self.state.world_size
+        values = [float(v) if is_additive(k) else float(v) / steps for k, v in zip(keys, vec[:-1].tolist())]
         window_tokens = float(vec[-1])
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
         self.num_tokens += int(window_tokens)
-        record = {"step": step, "epoch": round(epoch, 4), **dict(zip(keys, values)), **extras,
+        metrics = dict(zip(keys, values))
+        record = {"step": step, "epoch": round(epoch, 4), **metrics, **kto_means(metrics), **extras,
                   "num_tokens": self.num_tokens, "tokens_per_second": window_tokens / elapsed}
         self.sums, self.count, self.tokens = {}, 0, None
         self.window_start = time.perf_counter()

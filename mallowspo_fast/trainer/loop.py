@@ -1,8 +1,9 @@
 """The training recipe: data, optional SFT warm-up, reference pass, the loop, checkpoints, export.
 
-One readable loop. Per optimizer step and per micro-batch: collate (chosen rows then rejected rows) ->
-one forward over the 2B rows -> fused log-prob / entropy op -> loss -> ``engine.backward`` (DeepSpeed
-divides by the accumulation steps) -> ``engine.step`` (a real update only at the accumulation boundary).
+One readable loop. Per optimizer step and per micro-batch: collate (chosen rows then rejected rows; for
+KTO, completion rows then the mismatched KL rows) -> one forward over the 2B rows -> fused log-prob /
+entropy op -> loss -> ``engine.backward`` (DeepSpeed divides by the accumulation steps) -> ``engine.step``
+(a real update only at the accumulation boundary).
 The host reads values only at logging, eval and save steps.
 """
 
@@ -22,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import data as D
 from . import batches as B
 from . import checkpoint as C
 from .config import TrainConfig
@@ -35,6 +35,8 @@ from .step import (
     backend_arg,
     chosen_rows,
     forward_logprobs,
+    kto_batch_loss,
+    kto_metrics_from_examples,
     metrics_from_examples,
     preference_batch_loss,
     sft_batch_loss,
@@ -185,12 +187,22 @@ def evaluate(cfg: TrainConfig, state: DistState, engine: Any, eval_ds: Any, coll
     for indices in sh.batches:
         batch = to_device(collator(B.rows(eval_ds, indices)), state.device)
         out = forward_logprobs(engine, batch, backend=backend_arg(cfg), logits_mean=True)
-        res = preference_batch_loss(cfg, out, ref.batch(batch, "eval", state.device), ref.phi_star)
+        res = batch_loss(cfg, out, ref.batch(batch, "eval", state.device), batch, ref.phi_star, world_size=1)
         for k, v in res.per_example.items():
             local[k].append(v.float())
     engine.train()
     full = B.gather_examples(local, sh, state)
-    return {k: float(v) for k, v in metrics_from_examples(full).items()}
+    metrics = kto_metrics_from_examples(cfg, full) if cfg.is_kto else metrics_from_examples(full)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def batch_loss(cfg: TrainConfig, out: Any, ref_batch: Any, batch: dict[str, torch.Tensor], phi_star: float | None,
+               world_size: int) -> Any:
+    """The loss of one micro-batch: KTO (z0 averaged over ``world_size`` ranks) or a paired loss. Evaluation
+    passes ``world_size=1``: its KTO z0 is re-estimated over the whole split from the gathered values."""
+    if cfg.is_kto:
+        return kto_batch_loss(cfg, out, ref_batch, batch["label"], world_size)
+    return preference_batch_loss(cfg, out, ref_batch, phi_star)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -205,7 +217,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     tokenizer = B.load_tokenizer(cfg, state, raw_train)
     train_ds = B.tokenize(cfg, raw_train, tokenizer)
     eval_ds = B.tokenize(cfg, raw_eval, tokenizer) if raw_eval is not None else None
-    collator = D.PreferenceCollator(tokenizer.pad_token_id, cfg.pad_to_multiple_of)
+    collator = B.collator(cfg, tokenizer)
     batches = B.train_batches(cfg, train_ds, state)  # map-style (shuffled order) or a stream
     total = B.total_steps(cfg, batches)
 
@@ -244,7 +256,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 batch = to_device(collator(micro_rows), state.device)
                 ref_batch = ref.batch(batch, "train", state.device)
                 out = forward_logprobs(engine, batch, backend=backend_arg(cfg), logits_mean=True)
-                res = preference_batch_loss(cfg, out, ref_batch, ref.phi_star)
+                res = batch_loss(cfg, out, ref_batch, batch, ref.phi_star, state.world_size)
                 engine.backward(res.loss)
                 engine.step()
                 log.accumulate(res.metrics, batch["attention_mask"].sum())

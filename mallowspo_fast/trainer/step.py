@@ -2,7 +2,8 @@
 
 Shared by training, evaluation and the reference pass. Batches come from ``data.PreferenceCollator``:
 rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected, labels unshifted with -100 on prompt and
-padding. Nothing here reads a value on the host.
+padding. KTO batches (``batches.KTOCollator``) have the same [2B, T] shape: B prompt+completion rows, then
+B prompt+mismatched-completion rows for the KL estimate. Nothing here reads a value on the host.
 """
 
 from __future__ import annotations
@@ -149,6 +150,84 @@ def metrics_from_examples(values: dict[str, torch.Tensor]) -> dict[str, torch.Te
         empty_pairs=values["empty_pairs"].bool() if has("empty_pairs") else None,
     )
     m["loss"] = values["losses"].float().mean()
+    return m
+
+
+# ----------------------------------------------------------------------------------------------------
+# KTO (unpaired rows; batches from batches.KTOCollator: B completion rows, then B KL rows)
+KTO_SPLITS = (("chosen", True), ("rejected", False))  # TRL's names for desirable / undesirable rows
+
+
+def kto_sums(rewards: torch.Tensor, logps: torch.Tensor, logits_mean: torch.Tensor | None,
+             labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's additive KTO metrics: ``{rewards,logps,logits}/{chosen,rejected}_sum`` and ``count/{chosen,
+    rejected}`` (float32 0-dim), summed over steps and ranks (never averaged) before the means are taken."""
+    out = {}
+    for split, flag in KTO_SPLITS:
+        mask = (labels == flag).float()
+        out[f"count/{split}"] = mask.sum()
+        for name, value in (("rewards", rewards), ("logps", logps), ("logits", logits_mean)):
+            if value is not None:
+                out[f"{name}/{split}_sum"] = (value.detach().float() * mask).sum()
+    return out
+
+
+def kto_means(metrics: dict[str, float]) -> dict[str, float]:
+    """``rewards/chosen`` etc. (sum / count; NaN without such rows) and ``rewards/margins`` from the sums."""
+    out = {}
+    for split, _ in KTO_SPLITS:
+        count = metrics.get(f"count/{split}")
+        if count is None:
+            continue
+        for name in ("rewards", "logps", "logits"):
+            if f"{name}/{split}_sum" in metrics:
+                out[f"{name}/{split}"] = metrics[f"{name}/{split}_sum"] / count if count > 0 else float("nan")
+    if "rewards/chosen" in out and "rewards/rejected" in out:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
+
+
+def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor,
+                        world_size: int = 1) -> torch.Tensor:
+    """z0: the mean log-ratio over the KL rows of every rank (sum and count all-reduced, so every rank must
+    call this once per micro-batch), clamped >= 0 and detached (TRL's convention)."""
+    stats = torch.stack([(policy_kl_logps.detach().float() - ref_kl_logps.float()).sum(),
+                         torch.tensor(float(policy_kl_logps.numel()), device=policy_kl_logps.device)])
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+    return (stats[0] / stats[1]).clamp(min=0)
+
+
+def kto_batch_loss(cfg: TrainConfig, policy: ForwardOutput, ref: ReferenceBatch, labels: torch.Tensor,
+                   world_size: int = 1) -> BatchLoss:
+    """KTO loss and metrics of one micro-batch. ``policy`` and ``ref`` cover the [2B] rows of a KTO batch:
+    ``ref.chosen_logps`` holds the reference log-probs of the completion rows, ``ref.rejected_logps`` those
+    of the KL rows (the two halves, as for a paired batch)."""
+    pol, pol_kl = policy.logps.chunk(2)
+    z0 = kto_reference_point(pol_kl, ref.rejected_logps, world_size)
+    out = L.kto_loss(pol, ref.chosen_logps, labels, kl=z0, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
+                     undesirable_weight=cfg.undesirable_weight)
+    logits = None if policy.logits_mean is None else policy.logits_mean.chunk(2)[0]
+    metrics = kto_sums(out.rewards, pol, logits, labels)
+    metrics.update(loss=out.loss.detach().float(), kl=out.kl.float())
+    per_example = {"losses": out.losses.detach(), "policy_logps": pol.detach(), "ref_logps": ref.chosen_logps,
+                   "policy_kl_logps": pol_kl.detach(), "ref_kl_logps": ref.rejected_logps, "label": labels.float()}
+    if logits is not None:
+        per_example["logits_mean"] = logits
+    return BatchLoss(out.loss, out.losses.detach(), metrics, per_example)
+
+
+def kto_metrics_from_examples(cfg: TrainConfig, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Exact KTO metrics over a whole evaluation set: z0 is re-estimated over all of its KL rows."""
+    labels = values["label"].bool()
+    z0 = kto_reference_point(values["policy_kl_logps"], values["ref_kl_logps"])
+    out = L.kto_loss(values["policy_logps"], values["ref_logps"], labels, kl=z0, beta=cfg.beta,
+                     desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
+    m = kto_sums(out.rewards, values["policy_logps"], values.get("logits_mean"), labels)
+    m.update({k: torch.tensor(v) for k, v in kto_means({k: float(v) for k, v in m.items()}).items()})
+    m.update(loss=out.loss.float(), kl=out.kl.float())
     return m
 
 

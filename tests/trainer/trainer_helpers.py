@@ -20,6 +20,16 @@ def memorisable_pairs() -> list[dict[str, str]]:
     return [{"prompt": f"Name something {c}:", "chosen": f" {good}", "rejected": f" {bad}"} for c, good, bad in _ITEMS]
 
 
+def memorisable_unpaired() -> list[dict[str, Any]]:
+    """The pairs of :func:`memorisable_pairs` as 32 unpaired (KTO) rows, interleaved: good answer label
+    true, bad answer label false."""
+    out: list[dict[str, Any]] = []
+    for pair in memorisable_pairs():
+        out.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+        out.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+    return out
+
+
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
