@@ -122,8 +122,13 @@ def tokenize(cfg: TrainConfig, ds: Any, tokenizer: Any) -> Any:
         if len(tok) < 2:
             raise ValueError(f"loss_type=kto needs at least 2 rows per split (the KL estimate pairs each prompt "
                              f"with another row's completion), found {len(tok)}")
-        tok = tok.add_column("kl_completion_ids", kl_completions(tok["completion_ids"], cfg.seed))
+        tok = tok.add_column("kl_completion_ids", kl_completions(tok["completion_ids"], kl_pairing_seed(cfg)))
     return tok
+
+
+def kl_pairing_seed(cfg: TrainConfig) -> int:
+    """The seed of the KL pairing (:func:`kl_completions`); part of the reference cache key."""
+    return cfg.seed
 
 
 def kl_completions(completions: list[list[int]], seed: int) -> list[list[int]]:
@@ -175,8 +180,8 @@ def dataset_fingerprint(ds: Any) -> str:
     h.update(str(len(ds)).encode())
     for i in sorted({0, len(ds) // 2, len(ds) - 1}):
         row = ds[i]
-        h.update(json.dumps([row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label")
-                             if k in row]).encode())
+        h.update(json.dumps([row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label",
+                                              "kl_completion_ids") if k in row]).encode())
     return h.hexdigest()[:16]
 
 

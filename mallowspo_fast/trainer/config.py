@@ -511,11 +511,8 @@ def _validate_loss(cfg: TrainConfig) -> None:
 
 
 def _validate_kto(cfg: TrainConfig) -> None:
-    """KTO reads a live reference on the mismatched (KL) rows of each micro-batch: refuse what assumes pairs
-    or a precomputed table."""
-    _require(not cfg.precompute_ref_log_probs, "loss_type=kto needs precompute_ref_log_probs=false: the KL "
-             "estimate z0 scores mismatched prompt/completion rows with the reference at every step, which the "
-             "precomputed (paired) reference table does not hold; a live reference engine scores them")
+    """KTO reads reference values of each row's completion and of its KL completion (fixed per split at
+    tokenisation, so both precompute like a pair): refuse what assumes paired data or losses."""
     refused = {"reference_free": cfg.reference_free, "loss_weights": cfg.loss_weights is not None,
                "length_normalization": cfg.length_normalization, "add_sft_loss": cfg.add_sft_loss,
                "rpo_alpha": cfg.rpo_alpha is not None, "label_smoothing": cfg.label_smoothing != 0,

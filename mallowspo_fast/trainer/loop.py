@@ -139,7 +139,9 @@ class Reference:
 def setup_reference(cfg: TrainConfig, state: DistState, engine: Any, tokenizer: Any, train_ds: Any,
                     eval_ds: Any, collator: Any, source: str | None) -> Reference:
     """Precompute (cached) or build the live reference; resolve phi_star. Runs before any policy update,
-    so with no ref_model_name_or_path the policy engine itself is the reference for the pass."""
+    so with no ref_model_name_or_path the policy engine itself is the reference for the pass. The pass runs
+    the split's own collator, so a KTO table holds each row's completion and KL completion; training and
+    evaluation read either table by the rows' ``index``."""
     if not cfg.needs_reference:
         return Reference()
     ref_source = cfg.ref_model_name_or_path or source

@@ -1,10 +1,13 @@
 """The reference model: precomputed per-example values (cached on disk) or a live inference engine.
 
 Precompute: one pass over a split before training writes, per pair, the reference log-probs and mean
-token entropies of chosen and rejected (and the token counts). The pass runs on the policy engine itself
-before its first step (reference = initial policy) or on a temporary engine for ``ref_model_name_or_path``,
-so no reference model is held during training. Results are cached under ``ref_cache_dir`` keyed by a hash
-of the model identity, the tokenised data and the settings that change the values.
+token entropies of chosen and rejected (and the token counts); for KTO, per row, those of the completion
+and of its KL completion (the pairing is fixed per split at tokenisation, so a row's KL row is known before
+training, and the two halves of a ``KTOCollator`` batch land in the two columns). The pass runs on the
+policy engine itself before its first step (reference = initial policy) or on a temporary engine for
+``ref_model_name_or_path``, so no reference model is held during training. Results are cached under
+``ref_cache_dir`` keyed by a hash of the model identity, the tokenised data and the settings that change the
+values (for KTO also the KL pairing's seed).
 
 Live: the reference has its own DeepSpeed inference engine (ZeRO-3 when training is ZeRO-3, parameters
 optionally offloaded to CPU) and runs one no-grad forward per training micro-batch.
@@ -35,7 +38,9 @@ _FIELDS = ("chosen_logps", "rejected_logps", "chosen_entropy", "rejected_entropy
 
 @dataclass
 class ReferenceTable:
-    """Reference values of every pair of a split, [N] each (float32; token counts int64)."""
+    """Reference values of every pair of a split, [N] each (float32; token counts int64). For KTO the
+    ``chosen_*`` columns hold each row's completion and the ``rejected_*`` columns its KL completion, as the
+    two halves of a live KTO forward do (:meth:`ReferenceBatch.from_forward`)."""
 
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
@@ -85,6 +90,8 @@ def cache_key(cfg: TrainConfig, identity: dict, data_fingerprint: str, split: st
         "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
         "truncation_mode": cfg.truncation_mode, "version": 1,
     }
+    if cfg.is_kto:  # the KL pairing decides which completion each row's KL row scores
+        settings["kl_pairing_seed"] = B.kl_pairing_seed(cfg)
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

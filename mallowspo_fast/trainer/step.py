@@ -204,7 +204,7 @@ def kto_batch_loss(cfg: TrainConfig, policy: ForwardOutput, ref: ReferenceBatch,
                    world_size: int = 1) -> BatchLoss:
     """KTO loss and metrics of one micro-batch. ``policy`` and ``ref`` cover the [2B] rows of a KTO batch:
     ``ref.chosen_logps`` holds the reference log-probs of the completion rows, ``ref.rejected_logps`` those
-    of the KL rows (the two halves, as for a paired batch)."""
+    of the KL rows (the two halves, as for a paired batch), from a live forward or the precomputed table."""
     pol, pol_kl = policy.logps.chunk(2)
     z0 = kto_reference_point(pol_kl, ref.rejected_logps, world_size)
     out = L.kto_loss(pol, ref.chosen_logps, labels, kl=z0, beta=cfg.beta, desirable_weight=cfg.desirable_weight,

@@ -1,5 +1,6 @@
 """KTO through the trainer (unpaired rows, CPU, ZeRO-3 on gloo): the analytic first step, training, the
-loss against ``mpf.kto_loss`` on the same batch, backends agreeing, and what is refused."""
+loss against ``mpf.kto_loss`` on the same batch, backends agreeing, the precomputed reference (the default)
+against the live one and its cache, and what is refused."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from trainer_helpers import (
 import mallowspo_fast as mpf
 from mallowspo_fast.trainer import load_config, train
 
-KTO = dict(loss_type="kto", precompute_ref_log_probs=False, per_device_train_batch_size=8)
+KTO = dict(loss_type="kto", per_device_train_batch_size=8)  # precomputed reference (the default)
 TRL_KTO_KEYS = ("loss", "kl", "rewards/chosen_sum", "rewards/rejected_sum", "logps/chosen_sum", "logps/rejected_sum",
                 "count/chosen", "count/rejected", "rewards/chosen", "rewards/rejected", "rewards/margins",
                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "grad_norm", "learning_rate",
@@ -116,6 +117,51 @@ def test_batch_loss_equals_kto_loss_on_the_same_batch(kto_file: Path, tokenizer_
     torch.testing.assert_close(res.metrics["kl"].double(), want.kl, rtol=1e-5, atol=1e-6)
 
 
+def test_precomputed_reference_matches_the_live_one(kto_file: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    """The reference pass stores each row's completion and KL-completion log-probs; read by row index they
+    give the live reference engine's losses (train and eval), with no reference engine during training."""
+    common = dict(max_steps=4, beta=2.0, learning_rate=1e-2, eval_ratio=0.25, eval_steps=2)
+    pre = run(kto_file, tokenizer_dir, tmp_path / "pre", **common)
+    live = run(kto_file, tokenizer_dir, tmp_path / "live", precompute_ref_log_probs=False, **common)
+    got, want = train_losses(pre), train_losses(live)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+    assert got[4] != pytest.approx(got[1], abs=1e-3)
+    evals = [[r for r in read_metrics(out) if "eval_loss" in r] for out in (pre, live)]
+    assert [r["step"] for r in evals[0]] == [2, 4]
+    for a, b in zip(*evals):
+        for key in ("eval_loss", "eval_kl", "eval_rewards/chosen", "eval_rewards/rejected"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    assert evals[0][-1]["eval_kl"] > 0  # the KL rows' reference values are read, not zero-filled
+    assert len(list((pre / "ref_cache").glob("reference_*.pt"))) == 2  # train and eval tables
+    assert not (live / "ref_cache").exists()
+
+
+def test_reference_cache_is_reused_and_keyed_by_the_kl_pairing(kto_file: Path, tokenizer_dir: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from mallowspo_fast.trainer import reference
+
+    passes: list[int] = []
+    compute = reference.compute_table
+
+    def counted(model, ds, *args, **kwargs):
+        passes.append(len(ds))
+        return compute(model, ds, *args, **kwargs)
+
+    monkeypatch.setattr(reference, "compute_table", counted)
+    common = dict(max_steps=2, ref_cache_dir=str(tmp_path / "cache"))
+    first = train_losses(run(kto_file, tokenizer_dir, tmp_path / "a", **common))
+    again = train_losses(run(kto_file, tokenizer_dir, tmp_path / "b", **common))
+    assert passes == [32] and again == first  # the second run read the cache
+    run(kto_file, tokenizer_dir, tmp_path / "c", seed=8, **common)
+    assert passes == [32, 32]
+    # The seed is in the key through the KL pairing itself, not only through a seeded model's identity.
+    cfgs = [load_config(None, tiny_overrides(kto_file, tokenizer_dir, tmp_path / "k", seed=s, **KTO)) for s in (7, 8)]
+    keys = {reference.cache_key(c, {"model": "same"}, "same-data", "train") for c in cfgs}
+    assert len(keys) == 2
+
+
 def test_kl_rows_take_another_rows_completion() -> None:
     from mallowspo_fast.trainer.batches import kl_completions
 
@@ -127,11 +173,10 @@ def test_kl_rows_take_another_rows_completion() -> None:
 
 @pytest.mark.parametrize("extra, message", [
     (dict(loss_type=["kto", "sigmoid"]), "cannot be combined with the paired losses"),
-    (dict(precompute_ref_log_probs=True), "needs precompute_ref_log_probs=false"),
     (dict(undesirable_weight=-1.0), "undesirable_weight must be a finite number >= 0"),
     (dict(streaming=True, max_steps=2), "does not support streaming=True"),
     (dict(reference_free=True), "does not support reference_free=True"),
-], ids=["kto-in-a-list", "precompute", "negative-weight", "streaming", "reference-free"])
+], ids=["kto-in-a-list", "negative-weight", "streaming", "reference-free"])
 def test_kto_config_errors(kto_file: Path, tokenizer_dir: Path, tmp_path: Path, extra: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         load_config(None, tiny_overrides(kto_file, tokenizer_dir, tmp_path / "out", **{**KTO, **extra}))
