@@ -53,7 +53,7 @@ LABELS = {"sigmoid": "DPO", "mallows_theta": "MallowsPO-θ", "mallows_phi": "Mal
 COMMON = {"report_to": "none", "disable_tqdm": "true", "plot_curves": "false", "export_model": "false",
           "save_steps": "0", "save_total_limit": "1"}
 CONFIGS: dict[str, dict[str, Any]] = {
-    "full": {"seeds": 3, "overrides": {}},
+    "full": {"seeds": 8, "overrides": {}},
     # A smoke configuration: a few steps of a smaller model on a slice of the data (checks the plumbing,
     # not the science).
     "quick": {"seeds": 2, "overrides": {
@@ -157,7 +157,7 @@ def plot(runs: list[dict[str, Any]], disp: dict[str, np.ndarray], path: str) -> 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = base_parser(NAME, __doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3, quick: 2)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 8, quick: 2)")
     parser.add_argument("--workdir", default=None, help="where the runs go (default: a temporary folder)")
     args = parser.parse_args(argv)
     configure_torch()
