@@ -348,3 +348,11 @@ def run_isolated(spec: dict[str, Any], timeout_s: float = 1800.0) -> Result:
             return Result(**data)
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return Result(spec, "error", notes=f"exit {proc.returncode}: " + " | ".join(tail)[-300:])
+
+
+def run_case(spec: dict[str, Any], missing: tuple[str, str] | None, label: str, log=log) -> Result:
+    """One case of a sweep: run it in its own process, or record why it cannot run here (``missing``:
+    status and note from the provider's availability check); log one line either way."""
+    r = Result(spec, missing[0], notes=missing[1]) if missing else run_isolated(spec)
+    log(f"  {label} {r.status:13s} " + (f"{r.median_ms:10.2f} ms" if r.median_ms is not None else r.notes))
+    return r

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .harness import DTYPES, Case, Result, default_device, log, run_isolated
+from .harness import DTYPES, Case, Result, default_device, log, run_case
 from .providers import IGNORE_INDEX, LINEAR_PROVIDERS, linear_availability, linear_fn
 from .report import write_report
 
@@ -133,12 +133,8 @@ def sweep(
                                     "n": n, "hidden": dim, "vocab": vocab, "dtype": dtype, "mask_frac": mask_frac,
                                     "chunk_size": chunk_size, "warmup": warmup, "repeats": repeats,
                                     "memory": memory, "threads": threads}
-                            missing = linear_availability(provider, device)
-                            r = Result(spec, missing[0], notes=missing[1]) if missing else run_isolated(spec)
-                            log(f"  linear {pass_:6s} N={n:<6d} H={dim:<5d} V={vocab:<7d} {dtype} {provider:12s} "
-                                f"{r.status:13s} "
-                                + (f"{r.median_ms:10.2f} ms" if r.median_ms is not None else r.notes))
-                            results.append(r)
+                            label = f"linear {pass_:6s} N={n:<6d} H={dim:<5d} V={vocab:<7d} {dtype} {provider:12s}"
+                            results.append(run_case(spec, linear_availability(provider, device), label, log))
     return results
 
 

@@ -24,7 +24,7 @@ import torch
 
 import mallowspo_fast as mpf
 
-from .harness import DTYPES, Case, Result, default_device, log, run_isolated
+from .harness import DTYPES, Case, Result, default_device, log, run_case
 from .providers import IGNORE_INDEX, LOGP_ONLY, PROVIDERS, Unavailable, availability, sequence_fn
 from .report import write_report
 
@@ -89,12 +89,8 @@ def sweep(device: str, batch: int, seq: int, vocabs: list[int], dtypes: list[str
                     spec = {"subject": "loss_step", "device": device, "provider": provider, "loss": loss,
                             "batch": batch, "seq": seq, "vocab": vocab, "dtype": dtype, "warmup": warmup,
                             "repeats": repeats, "memory": memory, "threads": threads}
-                    missing = availability(provider, device)
-                    r = Result(spec, missing[0], notes=missing[1]) if missing else run_isolated(spec)
-                    log(f"  loss_step {loss:13s} B={batch} T={seq} V={vocab:<7d} {dtype} {provider:9s} "
-                        f"{r.status:13s} "
-                        + (f"{r.median_ms:10.2f} ms" if r.median_ms is not None else r.notes))
-                    results.append(r)
+                    label = f"loss_step {loss:13s} B={batch} T={seq} V={vocab:<7d} {dtype} {provider:9s}"
+                    results.append(run_case(spec, availability(provider, device), label, log))
     return results
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .harness import DTYPES, Case, Result, default_device, log, run_isolated
+from .harness import DTYPES, Case, Result, default_device, log, run_case
 from .providers import PROVIDERS, availability, token_fn
 from .report import write_report
 
@@ -104,11 +104,8 @@ def sweep(
                         spec = {"subject": "op", "device": device, "provider": provider, "pass": pass_,
                                 "n": n, "vocab": vocab, "dtype": dtype, "warmup": warmup, "repeats": repeats,
                                 "memory": memory, "threads": threads}
-                        missing = availability(provider, device)
-                        r = Result(spec, missing[0], notes=missing[1]) if missing else run_isolated(spec)
-                        log(f"  op {pass_:6s} N={n:<6d} V={vocab:<7d} {dtype} {provider:9s} {r.status:13s} "
-                            + (f"{r.median_ms:10.2f} ms" if r.median_ms is not None else r.notes))
-                        results.append(r)
+                        label = f"op {pass_:6s} N={n:<6d} V={vocab:<7d} {dtype} {provider:9s}"
+                        results.append(run_case(spec, availability(provider, device), label, log))
     return results
 
 

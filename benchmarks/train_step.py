@@ -21,7 +21,7 @@ import torch
 
 import mallowspo_fast as mpf
 
-from .harness import DTYPES, Case, Result, default_device, log, run_isolated
+from .harness import DTYPES, Case, Result, default_device, log, run_case
 from .providers import IGNORE_INDEX, availability, sequence_fn
 from .report import write_report
 
@@ -88,11 +88,8 @@ def sweep(device: str, model: str, batch: int, seq: int, vocab: int, dtype: str,
             spec = {"subject": "train_step", "device": device, "provider": provider, "model": model,
                     "loss": loss, "batch": batch, "seq": seq, "vocab": vocab, "dtype": dtype,
                     "warmup": warmup, "repeats": repeats, "memory": memory, "threads": threads}
-            missing = availability(provider, device)
-            r = Result(spec, missing[0], notes=missing[1]) if missing else run_isolated(spec)
-            log(f"  train_step {model} {loss:13s} {provider:9s} {r.status:8s} "
-                + (f"{r.median_ms:10.2f} ms" if r.median_ms is not None else r.notes))
-            results.append(r)
+            label = f"train_step {model} {loss:13s} {provider:9s}"
+            results.append(run_case(spec, availability(provider, device), label, log))
     return results
 
 
