@@ -6,8 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+GPU_CHECK_ARGS ?=
 
-.PHONY: setup demo test test-all lint aot bench clean
+.PHONY: setup demo test test-all lint aot bench gpu-check docs clean
 
 setup: $(VENV)/.installed
 
@@ -16,7 +17,7 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first: a bare `torch` requirement on an empty venv would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,trl,docs]'
 	touch $@
 
 demo: setup
@@ -36,6 +37,12 @@ aot: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks --quick
+
+gpu-check: setup
+	$(BIN)/python -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+docs: setup
+	$(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -21,6 +21,7 @@ PACKAGES = [
     "mallowspo_fast.losses",
     "mallowspo_fast.data",
     "mallowspo_fast.trainer",
+    "mallowspo_fast.integrations",
     "mallowspo_fast._kernels",
 ]
 
@@ -48,7 +49,10 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "ruff", "matplotlib", "tensorboard"],
+        "dev": ["pytest", "pytest-benchmark", "ruff", "matplotlib", "tensorboard", "hypothesis"],
+        # The TRL version the integration is tested with (tests/integrations).
+        "trl": ["trl==1.16.0"],
+        "docs": ["mkdocs==1.6.1", "mkdocs-material>=9.5", "mkdocstrings-python>=1.10"],
     },
     entry_points={
         "console_scripts": [
