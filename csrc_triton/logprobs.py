@@ -24,20 +24,23 @@ def _token_logprobs_fwd_kernel(
     stride_labels_t,
     ignore_index,
     inv_temp,
+    HAS_LABELS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """One program per token: online softmax over V with three fp32 accumulators (running max m,
     s = Σ e^{z−m}, w = Σ e^{z−m}·(z−m)), the label logit picked up on the fly. Masked tokens read no
-    logits. Writes logp, H and lse (fp32, contiguous [B·T])."""
+    logits. Writes logp, H and lse (fp32, contiguous [B·T]). Without labels (HAS_LABELS=False: the
+    entropy of every position) no row is masked and only H and lse are written."""
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
     t = row % seq_len
-    label = tl.load(labels_ptr + b * stride_labels_b + t * stride_labels_t)
-    if label == ignore_index:
-        tl.store(logp_ptr + row, 0.0)
-        tl.store(entropy_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
-        return
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + b * stride_labels_b + t * stride_labels_t)
+        if label == ignore_index:
+            tl.store(logp_ptr + row, 0.0)
+            tl.store(entropy_ptr + row, 0.0)
+            tl.store(lse_ptr + row, 0.0)
+            return
     row_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
     cols = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
@@ -51,7 +54,8 @@ def _token_logprobs_fwd_kernel(
         offs = start + cols
         in_row = offs < vocab_size
         z = tl.load(row_ptr + offs, mask=in_row, other=neg_inf).to(tl.float32) * inv_temp
-        z_label += tl.sum(tl.where(offs == label, z, 0.0), axis=0)
+        if HAS_LABELS:
+            z_label += tl.sum(tl.where(offs == label, z, 0.0), axis=0)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # A block (or prefix) of only -inf keeps m_new = -inf: shift by 0 instead to avoid inf - inf.
         m_ref = tl.where(m_new == neg_inf, 0.0, m_new)
@@ -65,10 +69,11 @@ def _token_logprobs_fwd_kernel(
     log_s = tl.log(s)
     lse = m + log_s
     entropy = log_s - w / s
-    # Out-of-range labels never match a column: report NaN rather than reading out of bounds.
-    valid = (label >= 0) & (label < vocab_size)
-    logp = tl.where(valid, z_label - lse, float("nan"))
-    tl.store(logp_ptr + row, logp)
+    if HAS_LABELS:
+        # Out-of-range labels never match a column: report NaN rather than reading out of bounds.
+        valid = (label >= 0) & (label < vocab_size)
+        logp = tl.where(valid, z_label - lse, float("nan"))
+        tl.store(logp_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
     tl.store(lse_ptr + row, lse)
 
@@ -98,23 +103,26 @@ def _token_logprobs_bwd_kernel(
     inv_temp,
     HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """dL/dz_j = g·(1[j=y] − p_j) − h·p_j·(log p_j + H), times 1/T. One read of the logits and one
     write of the gradient per element; masked tokens only write zeros. The upstream grads are read
-    through strides, so a per-sequence grad [B] broadcasts over T with a zero time stride."""
+    through strides, so a per-sequence grad [B] broadcasts over T with a zero time stride.
+    Without labels the label term drops out and the launcher passes g = −∂L/∂lse (∂lse/∂z_j = p_j)."""
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
     t = row % seq_len
-    label = tl.load(labels_ptr + b * stride_labels_b + t * stride_labels_t)
     grad_row_ptr = grad_logits_ptr + b * stride_grad_b + t * stride_grad_t
     cols = tl.arange(0, BLOCK_V)
-    if label == ignore_index:
-        zeros = tl.zeros((BLOCK_V,), tl.float32)
-        for start in range(0, vocab_size, BLOCK_V):
-            offs = start + cols
-            tl.store(grad_row_ptr + offs, zeros.to(grad_logits_ptr.dtype.element_ty), mask=offs < vocab_size)
-        return
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + b * stride_labels_b + t * stride_labels_t)
+        if label == ignore_index:
+            zeros = tl.zeros((BLOCK_V,), tl.float32)
+            for start in range(0, vocab_size, BLOCK_V):
+                offs = start + cols
+                tl.store(grad_row_ptr + offs, zeros.to(grad_logits_ptr.dtype.element_ty), mask=offs < vocab_size)
+            return
     row_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
     lse = tl.load(lse_ptr + row)
     if HAS_GRAD_LOGP:
@@ -136,7 +144,9 @@ def _token_logprobs_bwd_kernel(
             grad = -p * coef
         else:
             grad = -p * g
-        grad = tl.where(offs == label, grad + g, grad) * inv_temp
+        if HAS_LABELS:
+            grad = tl.where(offs == label, grad + g, grad)
+        grad = grad * inv_temp
         tl.store(grad_row_ptr + offs, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
 
 

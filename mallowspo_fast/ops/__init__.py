@@ -1,7 +1,15 @@
 """Ops: launchers, autograd Functions, the functional API and the pure-PyTorch paths."""
 
 from .linear import linear_sequence_logprobs, linear_token_logprobs
-from .logprobs import SequenceLogprobs, TokenLogprobs, sequence_logprobs, token_logprobs
+from .logprobs import (
+    SequenceLogprobs,
+    TokenEntropy,
+    TokenLogprobs,
+    sequence_logprobs,
+    token_entropy,
+    token_logprobs,
+)
 
-__all__ = ["TokenLogprobs", "SequenceLogprobs", "token_logprobs", "sequence_logprobs",
+__all__ = ["TokenLogprobs", "TokenEntropy", "SequenceLogprobs", "token_logprobs", "token_entropy",
+           "sequence_logprobs",
            "linear_token_logprobs", "linear_sequence_logprobs"]

@@ -6,7 +6,7 @@ reads the resource usage of the resulting cubin with the ``cuobjdump`` shipped i
 registers per thread, spill stores/loads (bytes), static shared memory, plus the kernel's launch config,
 an occupancy estimate and the public ops whose Triton path launches it.
 
-A variant is everything fixed at compile time: the kernel, its constexprs (``HAS_GRAD_*``, ``BLOCK_V``,
+A variant is everything fixed at compile time: the kernel, its constexprs (``HAS_GRAD_*``, ``HAS_LABELS``, ``BLOCK_V``,
 ``BLOCK_T``), the logits dtype and ``num_warps``. The memory mode (``linear_token_logprobs`` /
 ``linear_sequence_logprobs``) calls the same launchers on each chunk of recomputed logits, so it runs the
 same variants as the logits-level ops: its row counts, temperature and ignore_index are runtime
@@ -44,6 +44,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 VOCABS = (32000, 128256, 151936, 256000)
 LOGITS_OPS = ("token_logprobs", "sequence_logprobs")
 MEMORY_MODE_OPS = ("linear_token_logprobs", "linear_sequence_logprobs")
+# Without labels (``token_logprobs(logits, None)`` routes here): HAS_LABELS=False variants.
+ENTROPY_OPS = ("token_entropy",)
 # Public ops whose Triton path launches each variant: every backward variant is reachable from each op
 # (upstream grads on log-probs and entropies, on log-probs only, or on entropies only).
 USED_BY = {
@@ -52,6 +54,12 @@ USED_BY = {
     "bwd_logp_only": LOGITS_OPS + MEMORY_MODE_OPS,
     "bwd_entropy_only": LOGITS_OPS + MEMORY_MODE_OPS,
     "sequence_reduce": ("sequence_logprobs",),
+    # No labels: the forward without the gather; upstream grads on entropies and lse, lse only, or
+    # entropies only (the label term compiled away).
+    "fwd_nolabels": ENTROPY_OPS,
+    "bwd_nolabels": ENTROPY_OPS,
+    "bwd_nolabels_lse_only": ENTROPY_OPS,
+    "bwd_nolabels_entropy_only": ENTROPY_OPS,
 }
 # BLOCK_T of the per-sequence reduction = min(1024, next power of two of max(T, 16)) (triton_path): one
 # variant per power of two, whatever the dtype and V (rows with dtype and V "any").
@@ -83,12 +91,16 @@ def _triton_type(dtype: torch.dtype) -> str:
 
 def variant_name(kernel: str, constexprs: dict) -> str:
     """Report name of a launch of ``kernel`` (the jit function's name) with these constexprs."""
+    suffix = "" if constexprs.get("HAS_LABELS", True) else "_nolabels"
     if kernel == "_token_logprobs_fwd_kernel":
-        return "fwd"
+        return "fwd" + suffix
     if kernel == "_sequence_reduce_kernel":
         return "sequence_reduce"
     if kernel == "_token_logprobs_bwd_kernel":
         flags = (bool(constexprs["HAS_GRAD_LOGP"]), bool(constexprs["HAS_GRAD_ENTROPY"]))
+        if suffix:  # without labels the HAS_GRAD_LOGP slot carries the grad of lse
+            return {(True, True): "bwd_nolabels", (True, False): "bwd_nolabels_lse_only",
+                    (False, True): "bwd_nolabels_entropy_only"}[flags]
         return {(True, True): "bwd", (True, False): "bwd_logp_only", (False, True): "bwd_entropy_only"}[flags]
     raise ValueError(f"variant_name: unknown kernel {kernel!r}")
 
@@ -105,19 +117,24 @@ def _variants(dtype: torch.dtype, vocab: int):
         "logits_ptr": t, "labels_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
         "seq_len": "i32", "vocab_size": "i32",
         "stride_logits_b": "i64", "stride_logits_t": "i64", "stride_labels_b": "i64", "stride_labels_t": "i64",
-        "ignore_index": "i32", "inv_temp": "fp32", "BLOCK_V": "constexpr",
+        "ignore_index": "i32", "inv_temp": "fp32", "HAS_LABELS": "constexpr", "BLOCK_V": "constexpr",
     }
-    yield "fwd", _token_logprobs_fwd_kernel, fwd_sig, {"BLOCK_V": block}, warps, block
+    for has_labels in (True, False):
+        name = variant_name("_token_logprobs_fwd_kernel", {"HAS_LABELS": has_labels})
+        yield name, _token_logprobs_fwd_kernel, fwd_sig, {"HAS_LABELS": has_labels, "BLOCK_V": block}, warps, block
     bwd_sig = {
         "logits_ptr": t, "grad_logits_ptr": t, "labels_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
         "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "seq_len": "i32", "vocab_size": "i32",
         **{f"stride_{n}_{d}": "i64" for n in ("logits", "grad", "labels", "glogp", "gent") for d in "bt"},
         "ignore_index": "i32", "inv_temp": "fp32",
-        "HAS_GRAD_LOGP": "constexpr", "HAS_GRAD_ENTROPY": "constexpr", "BLOCK_V": "constexpr",
+        "HAS_GRAD_LOGP": "constexpr", "HAS_GRAD_ENTROPY": "constexpr", "HAS_LABELS": "constexpr",
+        "BLOCK_V": "constexpr",
     }
-    for has_g, has_h, tag in ((True, True, "bwd"), (True, False, "bwd_logp_only"), (False, True, "bwd_entropy_only")):
-        consts = {"HAS_GRAD_LOGP": has_g, "HAS_GRAD_ENTROPY": has_h, "BLOCK_V": block}
-        yield tag, _token_logprobs_bwd_kernel, bwd_sig, consts, warps, block
+    for has_labels in (True, False):
+        for has_g, has_h in ((True, True), (True, False), (False, True)):
+            consts = {"HAS_GRAD_LOGP": has_g, "HAS_GRAD_ENTROPY": has_h, "HAS_LABELS": has_labels, "BLOCK_V": block}
+            name = variant_name("_token_logprobs_bwd_kernel", consts)
+            yield name, _token_logprobs_bwd_kernel, bwd_sig, consts, warps, block
 
 
 def _reduce_variants():

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from .naive import naive_sequence_logprobs, naive_token_logprobs
+from .naive import naive_sequence_logprobs, naive_token_entropy, naive_token_logprobs
 
 BACKENDS = ("triton", "torch", "reference")
 BACKEND_ENV = "MALLOWSPO_FAST_BACKEND"
@@ -18,6 +18,14 @@ class TokenLogprobs(NamedTuple):
 
     logps: torch.Tensor
     entropy: torch.Tensor
+
+
+class TokenEntropy(NamedTuple):
+    """Per-row outputs without labels, fp32, shape of ``logits.shape[:-1]``: the entropy and the
+    logsumexp of softmax(logits / temperature) at every position (nothing is masked)."""
+
+    entropy: torch.Tensor
+    lse: torch.Tensor
 
 
 class SequenceLogprobs(NamedTuple):
@@ -45,7 +53,17 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return backend
 
 
-def _validate(logits: torch.Tensor, labels: torch.Tensor, temperature: float, where: str) -> None:
+def _validate(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float, where: str) -> None:
+    if labels is None:
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"{where}: logits must be a tensor, got {type(logits)}")
+        if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise TypeError(f"{where}: logits must be float32/bfloat16/float16/float64, got {logits.dtype}")
+        if logits.dim() < 1:
+            raise ValueError(f"{where}: expected logits [..., V], got a 0-dim tensor")
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"{where}: temperature must be a positive number, got {temperature!r}")
+        return
     if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError(f"{where}: logits and labels must be tensors, got {type(logits)} and {type(labels)}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
@@ -79,23 +97,25 @@ def check_labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: i
 
 def token_logprobs(
     logits: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     *,
     ignore_index: int = -100,
     temperature: float = 1.0,
     backend: str | None = None,
     inplace_backward: bool = False,
-) -> TokenLogprobs:
+) -> TokenLogprobs | TokenEntropy:
     """Token log-probs of the labels and token entropies, in one pass over the logits.
 
     With z = logits / temperature: ``logps = z[label] - logsumexp(z)`` and
     ``entropy = logsumexp(z) - sum(softmax(z) * z)`` (natural log), both fp32 whatever the input dtype.
 
     Args:
-        logits: [..., V] float32/bfloat16/float16; any row stride (e.g. the shifted view
-            ``logits[:, :-1]`` works without a copy).
-        labels: [...] int64, already aligned with the logits (the caller shifts). Positions equal to
-            ``ignore_index`` are masked: they give 0, get zero gradient and are not read.
+        logits: [..., V] float32/bfloat16/float16 (float64 is accepted and computed in fp32 on the
+            fused paths); any row stride (e.g. the shifted view ``logits[:, :-1]`` works without a copy).
+        labels: [...] int64 (or int32), already aligned with the logits (the caller shifts). Positions
+            equal to ``ignore_index`` are masked: they give 0, get zero gradient and are not read.
+            ``None``: no labels; the same single pass returns the entropy and the logsumexp of every
+            position (what PPO/GRPO entropy bonuses and z-losses use), see :func:`token_entropy`.
         ignore_index: label value of masked positions.
         temperature: positive divisor of the logits.
         backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked pure PyTorch, any
@@ -105,12 +125,23 @@ def token_logprobs(
             when nothing else needs the logits afterwards).
 
     Returns:
-        TokenLogprobs(logps [...], entropy [...]), fp32, differentiable in both.
+        TokenLogprobs(logps [...], entropy [...]), fp32, differentiable in both; with ``labels=None``
+        TokenEntropy(entropy [...], lse [...]), fp32, differentiable in both.
+
+    Raises:
+        TypeError: logits not a floating tensor of a supported dtype, labels not int64/int32.
+        ValueError: shapes that do not match, logits and labels on different devices, a temperature
+            that is not a positive number, an unknown backend, or (on CPU, where the check is free) a
+            label outside [0, V) that is not ``ignore_index``; the message names the first bad position.
+            On CUDA such a label gives NaN for its token instead (a check would be a host sync).
 
     Example:
         >>> out = token_logprobs(logits[:, :-1], input_ids[:, 1:].masked_fill(~mask, -100))
         >>> out.logps.sum(-1)
+        >>> token_logprobs(logits, None).entropy  # every position, no labels
     """
+    if labels is None:
+        return token_entropy(logits, temperature=temperature, backend=backend, inplace_backward=inplace_backward)
     _validate(logits, labels, temperature, "token_logprobs")
     labels = labels.long()
     be = resolve_backend(backend, logits.device)
@@ -126,6 +157,53 @@ def token_logprobs(
         from .triton_path import triton_token_logprobs as impl
     logps, entropy = impl(logits3d, labels2d, ignore_index, temperature, inplace_backward)
     return TokenLogprobs(logps.reshape(lead), entropy.reshape(lead))
+
+
+def token_entropy(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    backend: str | None = None,
+    inplace_backward: bool = False,
+) -> TokenEntropy:
+    """Entropy and logsumexp of every position, in one pass over the logits (no labels, no mask).
+
+    With z = logits / temperature: ``entropy = logsumexp(z) - sum(softmax(z) * z)`` and
+    ``lse = logsumexp(z)`` (natural log), fp32 whatever the input dtype. The same kernels as
+    :func:`token_logprobs` with the label gather compiled away: the forward reads each logit once and
+    the backward reads each once and writes each gradient element once,
+    ``dL/dz_j = p_j·(dL/dlse − dL/dH·(log p_j + H)) / T``. Equivalent to ``token_logprobs(logits, None)``.
+
+    Args:
+        logits: [..., V] float32/bfloat16/float16 (float64 accepted); any row stride.
+        temperature: positive divisor of the logits.
+        backend: "triton", "torch", "reference" or None, as in :func:`token_logprobs`.
+        inplace_backward: opt-in; the backward writes the gradient into the logits buffer.
+
+    Returns:
+        TokenEntropy(entropy [...], lse [...]), fp32, differentiable in both. A row whose logits are all
+        -inf has no distribution and gives NaN.
+
+    Raises:
+        TypeError: logits not a floating tensor of a supported dtype.
+        ValueError: a 0-dim tensor, a temperature that is not a positive number, an unknown backend.
+
+    Example:
+        >>> ent = token_entropy(logits).entropy              # [B, T]
+        >>> bonus = (ent * mask).sum() / mask.sum()
+    """
+    _validate(logits, None, temperature, "token_entropy")
+    be = resolve_backend(backend, logits.device)
+    if be == "reference":
+        return TokenEntropy(*naive_token_entropy(logits, temperature))
+    lead = logits.shape[:-1]
+    logits3d, _ = _as_3d(logits, None)
+    if be == "torch":
+        from .torch_entropy import torch_token_entropy as impl
+    else:
+        from .triton_path import triton_token_entropy as impl
+    entropy, lse = impl(logits3d, temperature, inplace_backward)
+    return TokenEntropy(entropy.reshape(lead), lse.reshape(lead))
 
 
 def sequence_logprobs(
@@ -151,6 +229,9 @@ def sequence_logprobs(
         >>> seq = sequence_logprobs(out.logits[:, :-1], labels[:, 1:])
         >>> chosen, rejected = seq.logps.chunk(2)
     """
+    if labels is None:
+        raise ValueError("sequence_logprobs: labels are required (they define each sequence's tokens); "
+                         "for the entropy of every position use token_logprobs(logits, None) or token_entropy")
     _validate(logits, labels, temperature, "sequence_logprobs")
     if logits.dim() != 3:
         raise ValueError(f"sequence_logprobs: expected logits [B, T, V], got shape {tuple(logits.shape)}")
@@ -174,17 +255,18 @@ def sequence_logprobs(
     return SequenceLogprobs(tok.logps.sum(-1), tok.entropy.sum(-1) / denom, num_tokens)
 
 
-def _as_3d(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_3d(logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Canonical [B, T, V] view of logits [..., V] without a copy: the backends take the batch and
     time strides as they are, so the shifted view ``logits[:, :-1]`` costs nothing. A last-dim stride
-    != 1 costs one contiguous copy (the kernels stream along V)."""
+    != 1 costs one contiguous copy (the kernels stream along V). ``labels`` (or None) follow as [B, T]."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     if logits.dim() == 1:
-        return logits.view(1, 1, -1), labels.reshape(1, 1)
-    if logits.dim() == 2:
-        return logits.unsqueeze(0), labels.reshape(1, -1)
-    if logits.dim() == 3:
-        return logits, labels
-    # [..., T, V] with more leading dims: merge them (a copy only if they are not mergeable).
-    return logits.reshape(-1, *logits.shape[-2:]), labels.reshape(-1, labels.shape[-1])
+        out = logits.view(1, 1, -1)
+    elif logits.dim() == 2:
+        out = logits.unsqueeze(0)
+    elif logits.dim() == 3:
+        out = logits
+    else:  # [..., T, V] with more leading dims: merge them (a copy only if they are not mergeable).
+        out = logits.reshape(-1, *logits.shape[-2:])
+    return out, None if labels is None else labels.reshape(out.shape[:2])

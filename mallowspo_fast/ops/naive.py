@@ -56,3 +56,23 @@ def naive_sequence_logprobs(
     num_tokens = (labels != ignore_index).sum(-1)
     denom = num_tokens.clamp(min=1).to(compute_dtype)
     return logps.sum(-1), entropy.sum(-1) / denom, num_tokens
+
+
+def naive_token_entropy(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy and logsumexp of every row (no labels, nothing masked).
+
+    Args:
+        logits: [..., V] any float dtype.
+    Returns:
+        (entropy [...], lse [...]) in ``compute_dtype``.
+    """
+    z = logits.to(compute_dtype) / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    logp_all = z - lse.unsqueeze(-1)
+    p = logp_all.exp()
+    plogp = p * torch.where(p > 0, logp_all, torch.zeros_like(p))
+    return -plogp.sum(-1), lse

@@ -28,19 +28,27 @@ def launch_config(vocab_size: int, dtype: torch.dtype) -> tuple[int, int]:
     return block, warps
 
 
-def _fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, inv_temp: float):
+def _no_labels(device: torch.device) -> torch.Tensor:
+    """A valid int64 pointer for the labels slot when HAS_LABELS=False (never read)."""
+    return torch.empty(1, 1, dtype=torch.int64, device=device)
+
+
+def _fwd(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int, inv_temp: float):
+    """-> (logp, entropy, lse) fp32 [B, T]; without labels logp is None and every row is computed."""
     batch, seq, vocab = logits.shape
     n = batch * seq
-    out = torch.empty(3, batch, seq, dtype=torch.float32, device=logits.device)
-    logp, entropy, lse = out[0], out[1], out[2]
+    has_labels = labels is not None
+    out = torch.empty(3 if has_labels else 2, batch, seq, dtype=torch.float32, device=logits.device)
+    logp, entropy, lse = (out[0], out[1], out[2]) if has_labels else (None, out[0], out[1])
     if n > 0:
         block, warps = launch_config(vocab, logits.dtype)
+        lab = labels if has_labels else _no_labels(logits.device)
         _token_logprobs_fwd_kernel[(n,)](
-            logits, labels, logp, entropy, lse,
+            logits, lab, logp if has_labels else entropy, entropy, lse,
             seq, vocab,
-            logits.stride(0), logits.stride(1), labels.stride(0), labels.stride(1),
+            logits.stride(0), logits.stride(1), lab.stride(0), lab.stride(1),
             ignore_index, inv_temp,
-            BLOCK_V=block, num_warps=warps,
+            HAS_LABELS=has_labels, BLOCK_V=block, num_warps=warps,
         )
     return logp, entropy, lse
 
@@ -55,14 +63,15 @@ def _bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, in
     # Unused pointer slots get a valid tensor; the HAS_* flags compile their loads away.
     g = grad_logp if has_g else lse
     h = grad_entropy if has_h else lse
+    lab = labels if labels is not None else _no_labels(logits.device)
     _token_logprobs_bwd_kernel[(batch * seq,)](
-        logits, grad, labels, lse, entropy, g, h,
+        logits, grad, lab, lse, entropy, g, h,
         seq, vocab,
         logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
-        labels.stride(0), labels.stride(1),
+        lab.stride(0), lab.stride(1),
         g.stride(0), g.stride(1), h.stride(0), h.stride(1),
         ignore_index, inv_temp,
-        HAS_GRAD_LOGP=has_g, HAS_GRAD_ENTROPY=has_h,
+        HAS_GRAD_LOGP=has_g, HAS_GRAD_ENTROPY=has_h, HAS_LABELS=labels is not None,
         BLOCK_V=block, num_warps=warps,
     )
     return grad
@@ -86,6 +95,29 @@ class TokenLogprobsTritonFunction(torch.autograd.Function):
         grad = _bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ctx.ignore_index, ctx.inv_temp,
                     ctx.inplace)
         return grad, None, None, None, None
+
+
+class TokenEntropyTritonFunction(torch.autograd.Function):
+    """Entropy and logsumexp of every row (no labels): one pass forward, one read + one write backward."""
+
+    @staticmethod
+    def forward(ctx, logits, temperature, inplace_backward):
+        inv_temp = 1.0 / float(temperature)
+        _, entropy, lse = _fwd(logits, None, 0, inv_temp)
+        ctx.save_for_backward(logits, lse, entropy)
+        ctx.inv_temp, ctx.inplace = inv_temp, inplace_backward
+        ctx.set_materialize_grads(False)
+        return entropy, lse
+
+    @staticmethod
+    def backward(ctx, grad_entropy, grad_lse):
+        if grad_entropy is None and grad_lse is None:
+            return None, None, None
+        logits, lse, entropy = ctx.saved_tensors
+        # ∂lse/∂z_j = p_j: the kernel's −g·p_j term with g = −∂L/∂lse (no label term without labels).
+        g = -grad_lse if grad_lse is not None else None
+        grad = _bwd(logits, None, lse, entropy, g, grad_entropy, 0, ctx.inv_temp, ctx.inplace)
+        return grad, None, None
 
 
 class SequenceLogprobsTritonFunction(torch.autograd.Function):
@@ -128,6 +160,11 @@ def triton_token_logprobs(logits, labels, ignore_index, temperature, inplace_bac
     """logits [B, T, V] (unit stride along V), labels [B, T] -> fp32 (logps [B, T], entropy [B, T])."""
     return TokenLogprobsTritonFunction.apply(logits, labels, int(ignore_index), float(temperature),
                                              bool(inplace_backward))
+
+
+def triton_token_entropy(logits, temperature, inplace_backward=False):
+    """logits [B, T, V] (unit stride along V) -> fp32 (entropy [B, T], lse [B, T]) of every row."""
+    return TokenEntropyTritonFunction.apply(logits, float(temperature), bool(inplace_backward))
 
 
 def triton_sequence_logprobs(logits, labels, ignore_index, temperature, inplace_backward=False):

@@ -34,7 +34,8 @@ def report(tmp_path_factory):
 def test_every_kernel_compiles_for_both_archs_all_dtypes_and_vocabs(report):
     rows, _ = report
     combos = {(r["kernel"], r["arch"], r["dtype"], r["vocab"], r["block"]) for r in rows}
-    kernels = {"fwd", "bwd", "bwd_logp_only", "bwd_entropy_only"}
+    kernels = {"fwd", "bwd", "bwd_logp_only", "bwd_entropy_only",
+               "fwd_nolabels", "bwd_nolabels", "bwd_nolabels_lse_only", "bwd_nolabels_entropy_only"}
     expected = {(k, a, d, v, triton_path.launch_config(v, aot.DTYPES[d])[0]) for k in kernels for a in (80, 90)
                 for d in ("bf16", "fp16", "fp32", "fp64") for v in (32000, 128256, 151936, 256000)}
     # The per-sequence reduction depends on T only: one row per BLOCK_T, 16 ... 1024.
@@ -86,6 +87,12 @@ def _call(op: str, dtype: torch.dtype, vocab: int, device: str, upstream: str, i
     labels = torch.randint(0, vocab, (2, 5), generator=gen)
     labels[0, :2] = -100
     labels = labels.to(device)
+    if op in aot.ENTROPY_OPS:  # no labels: upstream grads on entropy and/or lse
+        logits = torch.randn(2, 6, vocab, generator=gen).to(device, dtype).requires_grad_(True)
+        out = getattr(mpf, op)(logits[:, :-1], backend="triton", inplace_backward=inplace)
+        outputs = {"both": [out.entropy, out.lse], "logp": [out.lse], "entropy": [out.entropy]}[upstream]
+        torch.autograd.backward([t.sum() for t in outputs])
+        return
     if op.startswith("linear"):
         hidden = torch.randn(2, 5, 8, generator=gen).to(device, dtype).requires_grad_(True)
         weight = torch.randn(vocab, 8, generator=gen).to(device, dtype).requires_grad_(True)
@@ -106,12 +113,12 @@ def launches():
     try:
         for dtype in DTYPE_NAMES:
             for vocab in aot.VOCABS:
-                for op in aot.LOGITS_OPS + aot.MEMORY_MODE_OPS:
+                for op in aot.LOGITS_OPS + aot.MEMORY_MODE_OPS + aot.ENTROPY_OPS:
                     log: list = []
                     for k in KERNELS:
                         setattr(triton_path, k, _Recorder(k, log))
                     for upstream in ("both", "logp", "entropy"):
-                        for inplace in (False, True) if op in aot.LOGITS_OPS else (False,):
+                        for inplace in (False, True) if op not in aot.MEMORY_MODE_OPS else (False,):
                             _call(op, dtype, vocab, device, upstream, inplace)
                     found[(op, DTYPE_NAMES[dtype], vocab)] = set(log)
     finally:

@@ -148,3 +148,47 @@ def test_out_of_range_labels_never_read_out_of_bounds():
         assert np.all((outside_labels >= lab0) & (outside_labels < lab0 + labels.numel() * 8))
     assert torch.isfinite(logps[0, 0]) and torch.isnan(logps[0, 1:]).all()
     assert torch.isfinite(entropy).all()
+
+
+# ------------------------------------------------------------------ without labels (labels=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("vocab", [37, 5000])
+def test_no_labels_forward_reads_every_logit_once_and_writes_two_floats_per_row(dtype, vocab):
+    full = torch.randn(3, 7, vocab).to(dtype)
+    logits = full[:, :-1]  # the last position of each sequence is never touched
+    with record_memory_traffic() as (loads, stores):
+        out = mpf.token_logprobs(logits, None, backend="triton")
+    counts, nbytes = _in_buffer(loads, full)
+    expected = _expected_elements(logits, torch.zeros(3, 6, dtype=torch.long))
+    assert set(counts) == set(expected), "the forward must read exactly the rows of the view"
+    assert max(counts.values()) == 1, "each logit is read exactly once: one pass, no second kernel"
+    assert nbytes == logits.shape[0] * logits.shape[1] * vocab * full.element_size()
+    # Nothing but the logits is read (no labels), and only H and lse are written: 2 fp32 per row.
+    assert sum(a.size * s for a, s in loads) == nbytes
+    assert sum(a.size * s for a, s in stores) == 2 * 4 * 3 * 6
+    assert out.entropy.shape == (3, 6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
+@pytest.mark.parametrize("upstream", ["both", "entropy"])
+def test_no_labels_backward_reads_once_writes_once(dtype, inplace, upstream):
+    vocab = 3000
+    leaf = torch.randn(2, 5, vocab).to(dtype).requires_grad_(True)
+    logits = leaf * 1 if inplace else leaf
+    out = mpf.token_entropy(logits, backend="triton", inplace_backward=inplace)
+    loss = (out.entropy * torch.randn(2, 5)).sum()
+    if upstream == "both":
+        loss = loss + (out.lse * torch.randn(2, 5)).sum()
+    with record_memory_traffic() as (loads, stores):
+        loss.backward()
+    logits = logits.detach()
+    read_counts, read_bytes = _in_buffer(loads, logits)
+    assert len(read_counts) == logits.numel() and max(read_counts.values()) == 1
+    assert read_bytes == logits.numel() * logits.element_size()
+    target = logits if inplace else leaf.grad
+    write_counts, write_bytes = _in_buffer(stores, target)
+    assert write_bytes == target.numel() * target.element_size()
+    assert len(write_counts) == target.numel() and max(write_counts.values()) == 1
