@@ -1,0 +1,195 @@
+"""``MallowsDPOTrainer`` / ``patch_dpo_trainer`` with the real ``trl.DPOTrainer`` on tiny models (no hub).
+
+- loss type ``sigmoid``: three optimizer steps log the same loss, ``rewards/*`` and ``logps/*`` as unpatched
+  TRL (fp32, rel 1e-5), and the fused op really computed them;
+- ``mallows_theta`` / ``mallows_phi``: the trainer's loss on a batch equals our loss functions applied to the
+  same batch, and its parameter gradients match a float64 reference written out here;
+- ``phi_star="auto"``, metric keys, mixed loss lists and the refusals.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from trl import DPOTrainer
+from trl_helpers import FAMILIES, dpo_args, make_trainer
+
+import mallowspo_fast as mpf
+from mallowspo_fast.integrations import trl as mtrl
+from mallowspo_fast.integrations.trl import MallowsDPOConfig, MallowsDPOTrainer, patch_dpo_trainer
+
+COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected")
+TRL_KEYS = ("loss", "entropy", "num_tokens", "logits/chosen", "logits/rejected", "mean_token_accuracy",
+            "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected")
+
+
+def step_logs(trainer):
+    return [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+
+
+def counted_op():
+    """A spy on the fused op inside the head (the test fails if TRL's own head did the work)."""
+    return mock.patch.object(mtrl, "linear_token_logprobs", wraps=mtrl.linear_token_logprobs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sigmoid_three_steps_match_unpatched_trl(family, tmp_path):
+    plain = make_trainer(DPOTrainer, family, dpo_args(tmp_path / "plain"))
+    plain.train()
+    ours = make_trainer(MallowsDPOTrainer, family, dpo_args(tmp_path / "ours"))
+    with counted_op() as spy:
+        ours.train()
+    assert spy.call_count == 2 * 3  # policy + reference forward per step
+    a, b = step_logs(plain), step_logs(ours)
+    assert len(a) == len(b) == 3
+    assert a[-1]["rewards/margins"] != 0.0  # training moved the policy away from the reference
+    for step, (x, y) in enumerate(zip(a, b, strict=True), 1):
+        assert set(TRL_KEYS) <= set(y)
+        for key in COMPARED:
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_patch_instance_of_user_subclass_matches(tmp_path):
+    calls = []
+
+    class UserTrainer(DPOTrainer):  # a subclass with its own _compute_loss keeps working after the patch
+        def _compute_loss(self, model, inputs, return_outputs):
+            calls.append(1)
+            return super()._compute_loss(model, inputs, return_outputs)
+
+    plain = make_trainer(DPOTrainer, "llama", dpo_args(tmp_path / "plain", max_steps=2))
+    plain.train()
+    user = patch_dpo_trainer(make_trainer(UserTrainer, "llama", dpo_args(tmp_path / "user", max_steps=2)))
+    assert patch_dpo_trainer(user) is user  # idempotent
+    with counted_op() as spy:
+        user.train()
+    assert spy.call_count == 4 and len(calls) == 2
+    for x, y in zip(step_logs(plain), step_logs(user), strict=True):
+        for key in COMPARED:
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), key
+
+
+def first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def reference_loss64(trainer, batch, loss_type, phi_star):
+    """The MallowsPO loss of ``batch`` in float64, written out from the logits of float64 model copies."""
+    policy = copy.deepcopy(trainer.model).double()
+    ref = copy.deepcopy(trainer.ref_model).double()
+    for m in (policy, ref):  # the float64 copies use the plain (unfused) forward
+        m.forward = type(m).forward.__get__(m)
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    mask = batch["completion_mask"][:, 1:].double()
+    y = ids[:, 1:].unsqueeze(-1)
+
+    def seq_logps(model):
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1], -1)
+        return logp, (logp.gather(-1, y).squeeze(-1) * mask).sum(1)
+
+    pol_all, pol = seq_logps(policy)
+    with torch.no_grad():
+        ref_all, refl = seq_logps(ref)
+        ent = (-(ref_all.exp() * ref_all).sum(-1) * mask).sum(1) / mask.sum(1)
+    vocab = ref_all.shape[-1]
+    e_w, e_l = (ent / math.log(vocab)).chunk(2)
+    c = -phi_star * torch.log(torch.clamp(0.5 * (e_w + e_l), 1e-6, 1.0))
+    pw, pl = pol.chunk(2)
+    rw, rl = refl.chunk(2)
+    margin = trainer.beta * ((pw - rw) - (pl - rl))
+    if loss_type == "mallows_theta":
+        losses = F.softplus(-c * margin)
+    else:  # mallows_phi: -log g_phi(beta * margin), phi = exp(-c); the link itself is tested against mpmath
+        losses = mpf.mallows_phi_link_nll(margin, torch.exp(-c))
+    return losses.mean(), policy
+
+
+@pytest.mark.parametrize("family,loss_type", [("llama", "mallows_theta"), ("gpt2", "mallows_phi")])
+def test_mallows_loss_and_gradients(family, loss_type, tmp_path):
+    args = dpo_args(tmp_path, MallowsDPOConfig, loss_type=[loss_type], phi_star=0.7, max_steps=1)
+    trainer = make_trainer(MallowsDPOTrainer, family, args)
+    with torch.no_grad():  # a policy that differs from the reference, so the margins are not all 0
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = first_batch(trainer)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+
+    # our own loss functions on the same batch (fp32 logits, the logits-level op)
+    with torch.no_grad():
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
+        fwd = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        pol = mpf.sequence_logprobs(trainer.model(**fwd).logits[:, :-1], labels)
+        ref = mpf.sequence_logprobs(trainer.ref_model(**fwd).logits[:, :-1], labels)
+        (pw, pl), (rw, rl) = pol.logps.chunk(2), ref.logps.chunk(2)
+        (nw, nl), (ew, el) = ref.num_tokens.chunk(2), ref.entropy.chunk(2)
+        c = mpf.neg_log_dispersion(ew, el, trainer.model.config.vocab_size, phi_star=0.7, chosen_num_tokens=nw,
+                                   rejected_num_tokens=nl)
+        own = mpf.preference_loss(pw, pl, rw, rl, loss_type=loss_type, beta=trainer.beta, neg_log_dispersion=c,
+                                  chosen_num_tokens=nw, rejected_num_tokens=nl)
+    assert loss.item() == pytest.approx(own.loss.item(), rel=1e-5)
+    assert not torch.allclose(own.losses, own.losses[0])  # the pairs differ, so the check has teeth
+
+    loss64, policy64 = reference_loss64(trainer, batch, loss_type, 0.7)
+    assert loss.item() == pytest.approx(loss64.item(), rel=1e-5)
+    loss64.backward()
+    for (name, p), p64 in zip(trainer.model.named_parameters(), policy64.parameters(), strict=True):
+        scale = p64.grad.abs().max().clamp(min=1e-8)
+        assert (p.grad.double() - p64.grad).abs().max() / scale < 1e-4, name
+
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert set(TRL_KEYS) - {"loss"} <= set(logged)
+    assert logged["dispersion/neg_log_mean"] == pytest.approx(c.mean().item(), rel=1e-5)
+    assert logged["dispersion/empty_pairs"] == 0.0
+
+
+def test_mixed_list_auto_phi_and_training(tmp_path):
+    args = dpo_args(tmp_path, MallowsDPOConfig, loss_type=["sigmoid", "mallows_theta"], loss_weights=[0.5, 2.0],
+                    phi_star="auto", max_steps=2)
+    trainer = make_trainer(MallowsDPOTrainer, "llama", args)
+    # phi* = "auto" from every training pair's reference entropies, computed independently here
+    es, empties = [], []
+    with torch.no_grad():
+        for batch in trainer.get_train_dataloader():
+            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
+            logits = trainer.ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            seq = mpf.sequence_logprobs(logits[:, :-1], labels)
+            (ew, el), (nw, nl) = seq.entropy.chunk(2), seq.num_tokens.chunk(2)
+            es.append(mpf.pair_entropy(ew, el, logits.shape[-1]))
+            empties.append(mpf.empty_response_pairs(nw, nl))
+    expected = mpf.auto_phi_star(torch.cat(es), empty_pairs=torch.cat(empties))
+    assert trainer._mpf_phi_star == pytest.approx(expected, rel=1e-5)
+
+    batch = first_batch(trainer)
+    with torch.no_grad():
+        mixed = trainer.compute_loss(trainer.model, batch).item()
+        with mtrl._loss_types(trainer, ["sigmoid"], [1.0]):
+            sigmoid = trainer.compute_loss(trainer.model, batch).item()
+        with mtrl._loss_types(trainer, ["mallows_theta"], [1.0]):
+            theta = trainer.compute_loss(trainer.model, batch).item()
+    assert mixed == pytest.approx(0.5 * sigmoid + 2.0 * theta, rel=1e-6)
+    trainer.train()
+    logs = step_logs(trainer)
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
+    assert all(k in logs[-1] for k in ("dispersion/neg_log_mean", "dispersion/neg_log_std",
+                                       "dispersion/entropy_mean", "dispersion/empty_pairs", *TRL_KEYS))
+
+
+def test_refusals(tmp_path):
+    with pytest.raises(ValueError, match="precompute_ref_log_probs=False"):
+        make_trainer(MallowsDPOTrainer, "llama", dpo_args(tmp_path / "a", loss_type=["mallows_theta"],
+                                                            precompute_ref_log_probs=True))
+    with pytest.raises(ValueError, match="use_weighting=False"):
+        make_trainer(MallowsDPOTrainer, "llama", dpo_args(tmp_path / "b", use_weighting=True))
+    with pytest.raises(ValueError, match="phi_star must be a positive number or 'auto', found -1"):
+        make_trainer(MallowsDPOTrainer, "llama", dpo_args(tmp_path / "c", MallowsDPOConfig,
+                                                            loss_type=["mallows_phi"], phi_star=-1))
+    with pytest.raises(TypeError, match="expected a trl.DPOTrainer instance, found object"):
+        patch_dpo_trainer(object())
