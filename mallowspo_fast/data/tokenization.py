@@ -21,8 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,86 @@ def _streamed_row(row: dict, rows: _RowTokenizer, keys: Sequence[str]) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------------------
+# the on-disk cache of a map / filter result, with a key and checksums
+CHECKSUM_SUFFIX = ".checksums.json"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cache_candidates(ds: datasets.Dataset, fingerprint: str) -> tuple[Path | None, list[Path]]:
+    """The checksum file and the existing `datasets` cache files of the transform keyed ``fingerprint``
+    (``cache-<fingerprint>.arrow`` or its ``_<rank>_of_<n>`` shards next to the input's files), or
+    (None, []) when the input has no cache files (in memory) or caching is off."""
+    if not ds.cache_files or not datasets.is_caching_enabled():
+        return None, []
+    directory = Path(ds.cache_files[0]["filename"]).parent
+    files = sorted(directory.glob(f"cache-{fingerprint}*.arrow"))
+    return directory / f"cache-{fingerprint}{CHECKSUM_SUFFIX}", files
+
+
+def cache_problem(checksums: Path, files: list[Path], fingerprint: str) -> str | None:
+    """Why the cache ``files`` of ``fingerprint`` cannot be used (None when they can): no checksum file,
+    another key, a file missing from or unknown to the checksum file, a wrong size or sha256."""
+    if not checksums.is_file():
+        return f"no {checksums.name} (written by an older version, or the write was cut short)"
+    try:
+        saved = json.loads(checksums.read_text(encoding="utf-8"))
+        key, expected = saved["key"], saved["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {checksums.name} ({e})"
+    if key != fingerprint:
+        return f"{checksums.name} is keyed {key!r}, expected {fingerprint!r}"
+    for f in files:
+        entry = expected.get(f.name)
+        if entry is None:
+            return f"{f.name} is not listed in {checksums.name} (a foreign file)"
+        size = f.stat().st_size
+        if size != entry["size"]:
+            return f"{f.name} has {size} bytes, expected {entry['size']} (truncated or replaced)"
+        if _sha256_file(f) != entry["sha256"]:
+            return f"{f.name} does not match its sha256 checksum (a foreign or damaged file)"
+    return None
+
+
+def _write_checksums(checksums: Path, result: datasets.Dataset, fingerprint: str) -> None:
+    files = [Path(c["filename"]) for c in result.cache_files if Path(c["filename"]).name.startswith(
+        f"cache-{fingerprint}")]
+    if not files:
+        return
+    entries = {f.name: {"size": f.stat().st_size, "sha256": _sha256_file(f)} for f in files}
+    tmp = checksums.with_name(checksums.name + ".tmp")
+    tmp.write_text(json.dumps({"key": fingerprint, "files": entries}, indent=1), encoding="utf-8")
+    os.replace(tmp, checksums)
+
+
+def verified_cache(ds: datasets.Dataset, fingerprint: str, load_from_cache_file: bool | None,
+                   run: Callable[[bool | None], datasets.Dataset], what: str) -> datasets.Dataset:
+    """``run(load_from_cache_file)`` (a ``Dataset.map`` / ``filter`` with ``new_fingerprint=fingerprint``)
+    reading its `datasets` cache only after checking it against the key and checksums written with it.
+    A truncated, foreign or unlisted cache file is reported, deleted and rebuilt, never read."""
+    checksums, files = _cache_candidates(ds, fingerprint)
+    if checksums is None or not files or load_from_cache_file is False:
+        result = run(load_from_cache_file)
+    else:
+        problem = cache_problem(checksums, files, fingerprint)
+        if problem is None:
+            return run(load_from_cache_file)
+        logger.warning("the %s cache in %s is not usable: %s; rebuilding it", what, checksums.parent, problem)
+        for f in files:
+            f.unlink(missing_ok=True)
+        result = run(False)
+    if checksums is not None:
+        _write_checksums(checksums, result, fingerprint)
+    return result
+
+
 def _tokenize(
     ds: AnyDataset,
     tokenizer: Any,
@@ -261,16 +342,22 @@ def _tokenize(
         )
     )
     with main_process_first("tokenize"):
-        mapped = ds.map(
-            rows,
-            batched=True,
-            remove_columns=consumed,
-            features=features,
-            fn_kwargs={"completion_keys": keys},
-            num_proc=_clip_procs(num_proc, len(ds)),
-            new_fingerprint=fingerprint,
-            load_from_cache_file=load_from_cache_file,
-            desc="Tokenising",
+        mapped = verified_cache(
+            ds,
+            fingerprint,
+            load_from_cache_file,
+            lambda load: ds.map(
+                rows,
+                batched=True,
+                remove_columns=consumed,
+                features=features,
+                fn_kwargs={"completion_keys": keys},
+                num_proc=_clip_procs(num_proc, len(ds)),
+                new_fingerprint=fingerprint,
+                load_from_cache_file=load,
+                desc="Tokenising",
+            ),
+            "tokenised data",
         )
     mismatches = sum(mapped["_mismatch"])
     if mismatches:
@@ -293,7 +380,17 @@ def _tokenize(
                 f"every row was dropped at tokenisation ({dict(drops)}); "
                 f"max_length={max_length}, max_prompt_length={max_prompt_length}"
             )
-        mapped = mapped.filter(lambda drop: not drop, input_columns="_drop")
+        kept_fp = datasets.fingerprint.Hasher.hash((fingerprint, "kept rows"))
+        with main_process_first("tokenize"):
+            mapped = verified_cache(
+                mapped,
+                kept_fp,
+                load_from_cache_file,
+                lambda load: mapped.filter(
+                    lambda drop: not drop, input_columns="_drop", new_fingerprint=kept_fp, load_from_cache_file=load
+                ),
+                "tokenised data (kept rows)",
+            )
     mapped = mapped.remove_columns(["_drop", "_mismatch"])
     if "index" not in mapped.column_names:
         mapped = mapped.add_column(

@@ -28,7 +28,7 @@ import torch
 from .. import losses as L
 from . import batches as B
 from .config import TrainConfig
-from .launch import DistState, barrier
+from .launch import DistState, any_rank, barrier
 from .step import ReferenceBatch, backend_arg, forward_logprobs, to_device
 
 logger = logging.getLogger("mallowspo_fast.trainer")
@@ -131,20 +131,57 @@ def _progress(total: int, desc: str, cfg: TrainConfig, state: DistState) -> Any:
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+def table_checksum(values: dict[str, Any]) -> str:
+    """sha256 over the fields of a reference table (names, dtypes, shapes, bytes) and its vocabulary size."""
+    h = hashlib.sha256()
+    for f in _FIELDS:
+        t = values[f].detach().cpu().contiguous()
+        h.update(f"{f}:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.numpy().tobytes())
+    h.update(str(int(values["vocab_size"])).encode())
+    return h.hexdigest()
+
+
+def read_cached_table(path: Path, key: str, rows: int) -> ReferenceTable | str:
+    """The table cached at ``path``, or why it cannot be used: unreadable (e.g. truncated), another key
+    (a foreign file), missing fields, a checksum mismatch, or a row count that is not the split's."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure to read means the file is unusable: rebuild it
+        return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if not isinstance(saved, dict):
+        return f"not a reference table (a {type(saved).__name__})"
+    if saved.get("key") != key:
+        return f"keyed {saved.get('key')!r}, expected {key!r} (a file of another model, data or settings)"
+    missing = [f for f in (*_FIELDS, "vocab_size", "checksum") if f not in saved]
+    if missing:
+        return f"missing fields {missing}"
+    if saved["checksum"] != table_checksum(saved):
+        return "its values do not match their sha256 checksum"
+    if len(saved["chosen_logps"]) != rows:
+        return f"{len(saved['chosen_logps'])} rows, the split has {rows}"
+    return ReferenceTable(**{f: saved[f] for f in _FIELDS}, vocab_size=int(saved["vocab_size"]))
+
+
 def load_or_compute(model_fn: Any, ds: Any, collator: Any, cfg: TrainConfig, state: DistState, key: str,
                     desc: str) -> ReferenceTable:
-    """The cached table for ``key``, or compute it with ``model_fn()`` and cache it (rank 0 writes)."""
+    """The cached table for ``key``, or compute it with ``model_fn()`` and cache it (rank 0 writes).
+
+    The file carries its key and a checksum of its values; a file that cannot be read, belongs to another
+    key or fails its checksum is reported and rebuilt (every rank agrees before the collective pass)."""
     path = Path(cfg.resolved_ref_cache_dir()) / f"reference_{key}.pt"
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if all(f in saved for f in _FIELDS) and len(saved["chosen_logps"]) == len(ds):
-            logger.info("reference values for %s loaded from %s", desc, path)
-            return ReferenceTable(**{f: saved[f] for f in _FIELDS}, vocab_size=int(saved["vocab_size"]))
+    cached: ReferenceTable | str | None = read_cached_table(path, key, len(ds)) if path.is_file() else None
+    if isinstance(cached, str):
+        logger.warning("reference cache %s is not usable: %s; recomputing it", path, cached)
+    if not any_rank(not isinstance(cached, ReferenceTable), state):
+        logger.info("reference values for %s loaded from %s", desc, path)
+        return cached
     table = compute_table(model_fn(), ds, collator, cfg, state, desc)
     if state.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({**table.to_dict(), "vocab_size": torch.tensor(table.vocab_size)}, tmp)
+        values = {**table.to_dict(), "vocab_size": torch.tensor(table.vocab_size)}
+        torch.save({**values, "key": key, "checksum": table_checksum(values)}, tmp)
         os.replace(tmp, path)
     barrier(state)
     return table
