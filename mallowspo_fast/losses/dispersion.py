@@ -98,9 +98,10 @@ def neg_log_dispersion(
         vocab_size: V = logits.shape[-1] (the normaliser log V).
         phi_star: φ* > 0 (official name ``neg_log_dispersion_mean``, default 0.29). For "auto"
             compute the float once with :func:`auto_phi_star` over the training set.
-        chosen_num_tokens / rejected_num_tokens: [B] response-token counts
-            (``SequenceLogprobs.num_tokens``). Give both to map pairs with an empty response to the
-            neutral c = 1.0; without them such a pair's entropy reads as 0 and c = φ*·ln(1e6).
+        chosen_num_tokens: [B] response-token counts of the chosen responses
+            (``SequenceLogprobs.num_tokens``). Give both counts to map pairs with an empty response to
+            the neutral c = 1.0; without them such a pair's entropy reads as 0 and c = φ*·ln(1e6).
+        rejected_num_tokens: [B] the same for the rejected responses.
 
     Returns:
         c [B] in the entropies' dtype, ≥ 0, never NaN (ē is clamped to [1e-6, 1]).

@@ -49,16 +49,29 @@ def kto_loss(
     1 − σ(x) is evaluated as σ(−x). The loss is the mean over the B rows.
 
     Args:
-        policy_logps / ref_logps: [B] summed completion log-probs under the policy / reference.
+        policy_logps: [B] summed completion log-probs under the policy, floating point.
+        ref_logps: [B] the same under the reference model (detached here).
         labels: [B] bool, True for desirable completions.
-        policy_kl_logps / ref_kl_logps: [M] log-probs of mismatched completions (each prompt paired
-            with another row's completion), to estimate z0 here.
+        policy_kl_logps: [M] policy log-probs of mismatched completions (each prompt paired with
+            another row's completion), to estimate z0 here.
+        ref_kl_logps: [M] the same under the reference model.
         kl: the z0 to use instead (e.g. already averaged across ranks; clamped ≥ 0); give this or the
             KL log-probs.
-        beta: β > 0. desirable_weight / undesirable_weight: λ_D, λ_U ≥ 0 (TRL's names).
+        beta: β > 0.
+        desirable_weight: λ_D ≥ 0 (TRL's name).
+        undesirable_weight: λ_U ≥ 0 (TRL's name).
 
     Returns:
         KTOLossOutput(loss, losses [B], rewards [B], kl).
+
+    Raises:
+        ValueError: ``beta`` ≤ 0, a negative weight, both or neither of ``kl`` and the KL log-probs,
+            or tensors whose shapes differ.
+        TypeError: ``labels`` not a bool tensor, or a log-prob argument not a floating-point tensor.
+
+    Example:
+        >>> out = kto_loss(pol, ref, labels, policy_kl_logps=pol_kl, ref_kl_logps=ref_kl, beta=0.1)
+        >>> out.loss.backward()
     """
     where = "kto_loss"
     beta = real_number(beta, "beta", where, low=0.0, low_open=True)
@@ -127,8 +140,10 @@ def orpo_loss(
     to reproduce it exactly). Rewards are TRL's β·ā.
 
     Args:
-        policy_chosen_logps / policy_rejected_logps: [B] summed response log-probs of the policy.
-        chosen_num_tokens / rejected_num_tokens: [B] response token counts (zeros read as 1).
+        policy_chosen_logps: [B] summed response log-probs of the chosen answers under the policy.
+        policy_rejected_logps: [B] the same for the rejected answers.
+        chosen_num_tokens: [B] response token counts of the chosen answers (zeros read as 1).
+        rejected_num_tokens: [B] the same for the rejected answers.
         beta: λ > 0.
         chosen_nll: optional [B] or scalar NLL replacing −π_w / n_w.
 

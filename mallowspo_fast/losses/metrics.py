@@ -39,10 +39,13 @@ def preference_metrics(
     pairs with an empty response) when ``empty_pairs`` is given.
 
     Args:
-        chosen_rewards / rejected_rewards: [B] from :class:`PreferenceLossOutput`.
-        chosen_logps / rejected_logps: [B] policy log-probs (as the loss used them).
-        chosen_logits_mean / rejected_logits_mean: mean policy logit over the chosen / rejected
-            response positions, any shape (averaged here).
+        chosen_rewards: [B] from :class:`PreferenceLossOutput` (``chosen_rewards``).
+        rejected_rewards: [B] likewise (``rejected_rewards``).
+        chosen_logps: [B] policy log-probs of the chosen answers (as the loss used them).
+        rejected_logps: [B] the same for the rejected answers.
+        chosen_logits_mean: mean policy logit over the chosen response positions, any shape
+            (averaged here).
+        rejected_logits_mean: the same over the rejected response positions.
         neg_log_dispersion: c [B] from :func:`neg_log_dispersion`.
         pair_entropy: ē(x) [B] from :func:`pair_entropy`.
         empty_pairs: bool [B] from :func:`empty_response_pairs`.

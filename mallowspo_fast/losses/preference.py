@@ -129,24 +129,29 @@ def preference_loss(
     −Σπ_w / Σn_w: pass that scalar as ``chosen_nll`` to reproduce it exactly.
 
     Args:
-        policy_chosen_logps / policy_rejected_logps: [B] summed response log-probs of the policy
-            (``SequenceLogprobs.logps``), with gradient.
-        ref_chosen_logps / ref_rejected_logps: [B] the same under the reference model; required unless
+        policy_chosen_logps: [B] summed response log-probs of the chosen answers under the policy
+            (``SequenceLogprobs.logps``), floating point, with gradient.
+        policy_rejected_logps: [B] the same for the rejected answers.
+        ref_chosen_logps: [B] the chosen answers' log-probs under the reference model; required unless
             ``reference_free`` or every loss type is reference-free (simpo). Detached here.
+        ref_rejected_logps: [B] the same for the rejected answers.
         loss_type: one of LOSS_TYPES, or a list of them (then see ``loss_weights``).
         beta: β > 0.
         label_smoothing: ε in [0, 1] (sigmoid, simpo, mallows_theta); [0, ½) for robust.
         neg_log_dispersion: c [B] (or a scalar) from :func:`neg_log_dispersion`; required by the
             mallows_* losses, a constant (detached). c ≡ 1 makes mallows_theta equal sigmoid.
-        chosen_num_tokens / rejected_num_tokens: [B] response token counts; required by ipo, simpo,
-            length_normalization and the NLL add-ons without ``chosen_nll``. Zero counts are read as 1.
+        chosen_num_tokens: [B] integer response token counts of the chosen answers; required by ipo,
+            simpo, length_normalization and the NLL add-ons without ``chosen_nll``. Zero counts are read
+            as 1.
+        rejected_num_tokens: [B] the same for the rejected answers.
         length_normalization: divide every log-prob (policy and reference) by its token count.
         reference_free: R = 0 (the reference is a uniform model); rewards use no reference either.
         home_advantage: γ (official name), subtracted from the margin; see ``mixing_alpha``.
         mixing_alpha: None, or α in [0, 1] to mix the reference ratio with γ (RainbowPO).
         simpo_gamma: SimPO's target margin (TRL's name and default).
         loss_weights: one weight per loss type when ``loss_type`` is a list.
-        add_sft_loss / sft_coef: official names; add sft_coef · NLL to every pair.
+        add_sft_loss: official name; add ``sft_coef`` · NLL to every pair.
+        sft_coef: weight of that SFT term (official default 0.5).
         rpo_alpha: official / TRL name; None disables. loss ← rpo_alpha · loss + NLL.
         chosen_nll: optional [B] or scalar NLL to use in the add-ons instead of −π_w / n_w.
 
@@ -155,6 +160,14 @@ def preference_loss(
         Rewards are β·(π − ρ) on length-normalised log-probs iff length_normalization is on or every
         loss type is always length-normalised (ipo, simpo), and without reference iff reference_free
         or every loss type is reference-free.
+
+    Raises:
+        ValueError: naming the argument: an unknown ``loss_type``, ``beta`` ≤ 0, ``label_smoothing``
+            out of range, a missing reference (``ref_*_logps``) for a loss that needs it, a missing
+            ``neg_log_dispersion`` for a Mallows loss, missing token counts where they are needed,
+            ``loss_weights`` of the wrong length, or tensors whose batch sizes differ.
+        TypeError: an argument of the wrong type: not a tensor, not floating point, a bool or a
+            non-finite number.
 
     Example:
         >>> seq = sequence_logprobs(policy_logits, labels); ref = ...  # rows: chosen then rejected

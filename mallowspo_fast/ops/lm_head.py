@@ -36,7 +36,8 @@ class LMHeadLogprobs(nn.Module):
         weight: the output-layer weight [V, H] (the embedding matrix with tied embeddings): the
             Parameter itself is registered here, not a copy.
         bias: optional output-layer bias [V].
-        chunk_size, backend: defaults passed to :func:`linear_sequence_logprobs`.
+        chunk_size: default token rows per chunk passed to :func:`linear_sequence_logprobs`.
+        backend: default backend passed to it (None: triton on CUDA, torch elsewhere).
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None = None, *, chunk_size: int | None = None,
@@ -172,15 +173,33 @@ def model_sequence_logprobs(
 
     Args:
         model: a Hugging Face causal LM (``LlamaForCausalLM`` and alike).
-        input_ids, attention_mask: [B, T] model inputs.
+        input_ids: [B, T] int64 token ids.
+        attention_mask: [B, T] 1 on tokens, 0 on padding (or None).
         labels: [B, T] aligned with ``input_ids`` (not shifted; -100 on prompt and padding): position
             t predicts ``labels[:, t + 1]``, the shift is done here.
         logits_mode: "chunked" (backbone + the output layer applied chunk by chunk: the [B, T, V]
             logits never exist) or "logits" (the model's forward, then :func:`sequence_logprobs`).
+        ignore_index: label value of positions that do not count (default -100).
+        temperature: divide the logits by this (> 0) before the softmax.
+        chunk_size: chunked mode: unmasked token rows per chunk (None: the op's default).
+        backend: "triton", "torch", "reference" or None (triton on CUDA, torch elsewhere).
         reduction: "sequence" -> SequenceLogprobs [B]; "token" -> TokenLogprobs [B, T - 1] (packed rows).
         return_logits_mean: also return the detached mean logit of every row over its unmasked
             positions, [B], as ``(result, means)`` (TRL's ``logits/chosen`` metric), in either mode.
-        model_kwargs: passed to the model/backbone (e.g. ``position_ids`` of packed rows).
+        **model_kwargs: passed to the model/backbone (e.g. ``position_ids`` of packed rows).
+
+    Returns:
+        SequenceLogprobs(logps [B], entropy [B], num_tokens [B]) or TokenLogprobs(logps, entropy)
+        [B, T - 1], fp32; with ``return_logits_mean`` a tuple ``(result, means [B])``.
+
+    Raises:
+        ValueError: an unknown ``logits_mode`` or ``reduction``, or what the op raises (labels out of
+            range on CPU, bad temperature).
+        TypeError: a model whose backbone cannot be found (no ``.model`` and no ``get_decoder()``).
+
+    Example:
+        >>> seq = model_sequence_logprobs(model, input_ids, attention_mask, labels, logits_mode="chunked")
+        >>> chosen_logps, rejected_logps = seq.logps.chunk(2)
 
     Under ZeRO-3 call :func:`install_lm_head_logprobs` before ``deepspeed.initialize`` and run this
     inside the engine's forward (:class:`CausalLMLogprobs`).

@@ -1,0 +1,367 @@
+"""Every figure quoted in the README and the docs matches the committed results it comes from.
+
+Two mechanisms:
+
+- a table preceded by ``<!-- quoted-from: results/<file> -->`` must be a verbatim excerpt of that file
+  (header and rows);
+- figures in the prose are listed below as claims: a phrase with ``{}`` where a number stands, and the
+  values, read from the committed files (or computed from the code), that those numbers must show at
+  the precision they are written with. Updating a results file and the text is all it takes; the test
+  names the phrase and the value when they disagree.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Callable
+from functools import cache
+
+import pytest
+from docs_helpers import DOCS, README, RESULTS, md_section_table, md_table, pages, read, rel
+
+CPU = RESULTS / "benchmarks" / "cpu.md"
+NUMBER = r"([+−-]?\d[\d,]*(?:\.\d+)?(?:e[+−-]?\d+)?)"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Verbatim tables
+
+
+def _quoted() -> list[tuple[str, str, list[str]]]:
+    from docs_helpers import quoted_tables
+
+    return [(rel(p), src, rows) for p in pages() for src, rows in quoted_tables(read(p))]
+
+
+def test_quoted_tables_are_verbatim_excerpts() -> None:
+    quoted = _quoted()
+    assert len(quoted) >= 10, f"only {len(quoted)} quoted tables found"
+    for page, src, rows in quoted:
+        path = DOCS / src
+        assert path.is_file(), f"{page}: quoted-from {src}, which does not exist"
+        source_lines = {line.rstrip() for line in read(path).split("\n")}
+        assert len(rows) >= 3, f"{page}: the table quoted from {src} has no rows"
+        stale = [r for i, r in enumerate(rows) if i != 1 and r not in source_lines]
+        assert not stale, f"{page}: rows quoted from {src} that are not in it (update them from the file): {stale}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Committed results
+
+
+@cache
+def cpu(section: str) -> list[dict[str, str]]:
+    first = {"op": "| pass |", "linear": "| pass |", "loss_step": "| loss |", "train_step": "| model |"}[section]
+    return md_section_table(CPU, section, first)
+
+
+def cpu_rows(section: str, **where: str) -> list[dict[str, str]]:
+    rows = [r for r in cpu(section) if all(r[k] == v for k, v in where.items())]
+    assert rows, f"no {section} row of {rel(CPU)} with {where}"
+    return rows
+
+
+def cpu_row(section: str, **where: str) -> dict[str, str]:
+    rows = cpu_rows(section, **where)
+    assert len(rows) == 1, f"{len(rows)} {section} rows of {rel(CPU)} with {where}"
+    return rows[0]
+
+
+def median(row: dict[str, str]) -> float:
+    return float(row["median ms [p20, p80]"].split()[0])
+
+
+def mem_ratio(row: dict[str, str]) -> float:
+    m = re.search(r"\(([\d.]+)×\)", row["extra peak MiB (× logits)"])
+    assert m, row
+    return float(m.group(1))
+
+
+def ratio(row: dict[str, str], column: str) -> float:
+    return float(row[column].rstrip("×"))
+
+
+@cache
+def summary(name: str) -> dict:
+    return json.loads((RESULTS / name / "summary.json").read_text(encoding="utf-8"))
+
+
+@cache
+def tiny_runs() -> list[dict[str, str]]:
+    with open(RESULTS / "tiny_lm" / "runs.csv", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def bandit_regret(regime: str, method: str) -> float:
+    rows = md_table(RESULTS / "bandit" / "results.md", "| regime | method |")
+    return next(float(r["regret"].split()[0]) for r in rows if r["regime"] == regime and r["method"] == method)
+
+
+def bandit_tests(metric: str, regime: str | None = None) -> list[dict]:
+    return [t for t in summary("bandit")["tests"] if t["metric"] == metric and regime in (None, t["regime"])]
+
+
+def dispersion(estimator: str, key: str) -> float:
+    return next(s[key] for s in summary("dispersion_vs_truth")["summary"] if s["estimator"] == estimator)
+
+
+def dispersion_per_n(estimator: str, n: int) -> float:
+    return next(s["phi_star_fit"] for s in summary("dispersion_vs_truth")["per_n"]
+                if s["estimator"] == estimator and s["n"] == n)
+
+
+def bundled_pairs() -> int:
+    from mallowspo_fast.data import bundled_dataset_path
+
+    with open(bundled_dataset_path(), encoding="utf-8") as f:
+        return len(json.load(f))
+
+
+def demo(key: str):
+    from mallowspo_fast.trainer.demo import demo_defaults
+
+    d = demo_defaults()
+    return d["model_config"][key] if key in d["model_config"] else d[key]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Claims: (page, phrase with {} for each number, function returning the values)
+
+
+def _op(provider: str) -> dict[str, str]:
+    return cpu_row("op", **{"pass": "fwdbwd", "N": "2048", "V": "32000", "provider": provider})
+
+
+def _loss(provider: str) -> dict[str, str]:
+    return cpu_row("loss_step", loss="mallows_theta", provider=provider)
+
+
+def _linear(provider: str) -> dict[str, str]:
+    return cpu_row("linear", **{"pass": "fwdbwd", "provider": provider})
+
+
+def _ours_speed(section: str, column: str) -> list[float]:
+    return [ratio(r, column) for r in cpu_rows(section, provider="ours")]
+
+
+def _logits_mib(row: dict[str, str]) -> float:
+    return int(row["N"]) * int(row["V"]) * 4 / 2**20
+
+
+def _default_rows(device: str) -> int:
+    from mallowspo_fast.ops.linear import default_chunk_size
+
+    return default_chunk_size(128256, device)
+
+
+def _chunk_mib(kind: str) -> float:
+    from mallowspo_fast.ops import linear
+
+    return getattr(linear, f"CHUNK_BYTES_{kind}") / 2**20
+
+
+def _tiny_acc() -> list[float]:
+    return [float(r["eval_rewards/accuracies"]) for r in tiny_runs()]
+
+
+def _tiny_seconds() -> list[float]:
+    return [float(r["seconds"]) for r in tiny_runs()]
+
+
+def _bandit_cfg(key: str):
+    return summary("bandit")["config"][key]
+
+
+_D = summary("tiny_lm")["dispersion"] if (RESULTS / "tiny_lm" / "summary.json").is_file() else {}
+_SEQ_DIFFS_32 = [t["mean_diff"] for t in bandit_tests("regret", "32 pairs/prompt")]
+
+CLAIMS: list[tuple[str, str, Callable[[], list[float]]]] = [
+    # README headline table
+    ("README.md", "| op, forward + backward, N = {}, V = {}: median ms | {} | {} | {} |",
+     lambda: [2048, 32000, median(_op("ours")), median(_op("compiled")), median(_op("reference"))]),
+    ("README.md", "| op, same case: extra peak memory (× logits) | {}× | {}× | {}× |",
+     lambda: [mem_ratio(_op("ours")), mem_ratio(_op("compiled")), mem_ratio(_op("reference"))]),
+    ("README.md", "| MallowsPO-θ loss step, B = {}, T = {}, V = {}: median ms | {} | {} | {} |",
+     lambda: [float(_loss("ours")[k]) for k in ("B", "T", "V")]
+     + [median(_loss("ours")), median(_loss("compiled")), median(_loss("reference"))]),
+    ("README.md", "| memory mode, N = {}, H = {}, V = {}: extra peak memory (× logits) | {}× | {}× | {}× |",
+     lambda: [float(_linear("ours-chunked")[k]) for k in ("N", "H", "V")]
+     + [mem_ratio(_linear("ours-chunked")), mem_ratio(_linear("compiled")), mem_ratio(_linear("reference"))]),
+    ("README.md", "regret at matched KL of {} against DPO's {} with unlimited data",
+     lambda: [bandit_regret("infinite data", "theta_true"), bandit_regret("infinite data", "dpo")]),
+    ("README.md", "but not with {} pairs per prompt", lambda: [min(r for r in _bandit_cfg("regimes") if r)]),
+    ("README.md", "bundled real preference data ({} ShareGPT pairs)", lambda: [bundled_pairs()]),
+    ("docs/getting-started.md", "bundled real preference data ({} ShareGPT pairs)", lambda: [bundled_pairs()]),
+    # Benchmarks page highlights
+    ("docs/benchmarks.md", "the op is {}–{}× faster than `torch.compile` of the reference in every pass",
+     lambda: [min(_ours_speed("op", "speed vs compiled")), max(_ours_speed("op", "speed vs compiled"))]),
+    ("docs/benchmarks.md", "the preference-loss step (B = {} pairs, T = {}, V = {}) is {}–{}× faster than compiled "
+     "and {}–{}× faster than eager, at {}× the logits in extra memory (compiled: {}×, eager: {}×)",
+     lambda: [float(_loss("ours")[k]) for k in ("B", "T", "V")]
+     + [min(_ours_speed("loss_step", "speed vs compiled")), max(_ours_speed("loss_step", "speed vs compiled")),
+        min(_ours_speed("loss_step", "speed vs ref")), max(_ours_speed("loss_step", "speed vs ref")),
+        mem_ratio(_loss("ours")), mem_ratio(_loss("compiled")), mem_ratio(_loss("reference"))]),
+    ("docs/benchmarks.md",
+     "the tiny-Llama train step is {}–{}× faster than the reference path with {}× its extra memory",
+     lambda: [min(_ours_speed("train_step", "speed vs ref")), max(_ours_speed("train_step", "speed vs ref")),
+              ratio(cpu_rows("train_step", provider="ours")[0], "memory vs ref")]),
+    ("docs/benchmarks.md", "(H = {}: the default {} MiB chunk is a fifth of the {} MiB logits) takes {}× the logits in "
+     "extra memory, against {}× for the logits path, and {}× its time",
+     lambda: [float(_linear("ours-chunked")["H"]), _chunk_mib("CPU"), _logits_mib(_linear("ours-chunked")),
+              mem_ratio(_linear("ours-chunked")), mem_ratio(_linear("ours-logits")),
+              median(_linear("ours-chunked")) / median(_linear("ours-logits"))]),
+    # Memory mode page
+    ("docs/memory-mode.md", "{} sequences × {} tokens × a 128k vocabulary is {} GB in bf16",
+     lambda: [16, 4096, 16 * 4096 * 128256 * 2 / 1e9]),
+    ("docs/memory-mode.md", "about {} MiB of fp32 logits per chunk on CPU ({} rows at V = 128256",
+     lambda: [_chunk_mib("CPU"), _default_rows("cpu")]),
+    ("docs/memory-mode.md", "{} MiB on GPUs ({} rows at V = 128256, a multiple of 64)",
+     lambda: [_chunk_mib("ACCELERATOR"), _default_rows("meta")]),
+    ("docs/memory-mode.md", "default CPU chunk (about {} MiB of fp32 logits) is a fifth of the {} MiB logits",
+     lambda: [_chunk_mib("CPU"), _logits_mib(_linear("ours-chunked"))]),
+    # Training page (demo)
+    ("docs/training.md", "the {} demo runs of the tiny-LM experiment took {}–{} s each",
+     lambda: [len(tiny_runs()), min(_tiny_seconds()), max(_tiny_seconds())]),
+    ("docs/training.md", "fits the {} training pairs but does not generalise to the {} held-out pairs",
+     lambda: [_D["pairs"], bundled_pairs() - _D["pairs"]]),
+    ("docs/training.md", "(held-out reward accuracy {}–{} over those {} runs",
+     lambda: [min(_tiny_acc()), max(_tiny_acc()), len(tiny_runs())]),
+    ("docs/training.md", "(mean normalised entropy {} in seed 0 of that experiment)", lambda: [_D["e_mean"]]),
+    ("docs/training.md", "comes out large ({} there)", lambda: [_D["phi_star_auto"]]),
+    # The science page
+    ("docs/science.md", "python -m experiments.dispersion_vs_truth # {} s in the committed run",
+     lambda: [summary("dispersion_vs_truth")["seconds"]]),
+    ("docs/science.md", "python -m experiments.bandit # {} s in the committed run",
+     lambda: [summary("bandit")["seconds"]]),
+    ("docs/science.md", "python -m experiments.tiny_lm # {} min ({} trainer runs)",
+     lambda: [summary("tiny_lm")["seconds"] / 60, len(tiny_runs())]),
+    ("docs/science.md", "n ∈ {{}, {}, {}, {}, {}}, {} values of −log φ in [{}, {}]",
+     lambda: [*summary("dispersion_vs_truth")["config"]["ns"], summary("dispersion_vs_truth")["config"]["n_phi"],
+              summary("dispersion_vs_truth")["config"]["c_min"], summary("dispersion_vs_truth")["config"]["c_max"]]),
+    ("docs/science.md", "{} sampled rankings per point", lambda: [summary("dispersion_vs_truth")["config"]["samples"]]),
+    ("docs/science.md", "Spearman 1 within each n for the exact forms; {}–{} pooled over n",
+     lambda: [min(s["spearman_pooled"] for s in summary("dispersion_vs_truth")["summary"]),
+              max(s["spearman_pooled"] for s in summary("dispersion_vs_truth")["summary"])]),
+    ("docs/science.md", "pairwise marginal P(item d places better comes first) to {} (enumeration",
+     lambda: [summary("dispersion_vs_truth")["phi_link_max_abs_err"]]),
+    ("docs/science.md", "≈ {} for c < 0.3 and {} for c > 1 with the `sequence`",
+     lambda: [dispersion("sequence", "loglog_slope_c<0.3"), dispersion("sequence", "loglog_slope_c>1.0")]),
+    ("docs/science.md", "The fitted φ* depends on n ({} at n = 4 to {} at n = 16",
+     lambda: [dispersion_per_n("sequence", 4), dispersion_per_n("sequence", 16)]),
+    ("docs/science.md", "gives ĉ at a median {}–{}% of the truth here",
+     lambda: [100 * min(s["median_ratio_at_0.29"] for s in summary("dispersion_vs_truth")["summary"]),
+              100 * max(s["median_ratio_at_0.29"] for s in summary("dispersion_vs_truth")["summary"])]),
+    ("docs/science.md", "{} prompts × {} arms; c(x) log-uniform in [{}, {}]",
+     lambda: [_bandit_cfg("prompts"), _bandit_cfg("arms"), _bandit_cfg("c_min"), _bandit_cfg("c_max")]),
+    ("docs/science.md", "β ∈ {} values from {} to {}",
+     lambda: [len(_bandit_cfg("betas")), min(_bandit_cfg("betas")), max(_bandit_cfg("betas"))]),
+    ("docs/science.md", "({} Adam steps, lr {})", lambda: [_bandit_cfg("steps"), _bandit_cfg("lr")]),
+    ("docs/science.md", "φ_ref = φ^{exp({}·η)}", lambda: [_bandit_cfg("est_noise")]),
+    ("docs/science.md", "Spearman(ĉ, c) = {} [{}, {}]",
+     lambda: [summary("bandit")["spearman_c_hat"][k] for k in ("mean", "lo", "hi")]),
+    ("docs/science.md", "({} fresh pairs per prompt)", lambda: [_bandit_cfg("test_pairs")]),
+    ("docs/science.md", "{} seeds; per seed each method", lambda: [_bandit_cfg("seeds")]),
+    ("docs/science.md", "Three data regimes: {} and {} pairs per prompt",
+     lambda: [r for r in _bandit_cfg("regimes") if r]),
+    ("docs/science.md", "mean [95% t-CI] over {} seeds (regret", lambda: [_bandit_cfg("seeds")]),
+    ("docs/science.md", "with {} seeds the smallest Holm-adjusted sign-flip p is {}",
+     lambda: [_bandit_cfg("seeds"), min(t["p_signflip_holm"] for t in bandit_tests("regret"))]),
+    ("docs/science.md", "limit their regret is {} vs DPO's {} (Holm-adjusted sign-flip p = {})",
+     lambda: [bandit_regret("infinite data", "theta_true"), bandit_regret("infinite data", "dpo"),
+              next(t["p_signflip_holm"] for t in bandit_tests("regret", "infinite data")
+                   if t["comparison"].startswith("theta_true"))]),
+    ("docs/science.md", "about a third of that ({} vs {})",
+     lambda: [bandit_regret("infinite data", "theta_est"), bandit_regret("infinite data", "dpo")]),
+    ("docs/science.md", "with {} pairs per prompt every MallowsPO variant is *worse* than DPO (+{} to +{} regret",
+     lambda: [min(r for r in _bandit_cfg("regimes") if r), min(_SEQ_DIFFS_32), max(_SEQ_DIFFS_32)]),
+    ("docs/science.md", "(the label-noise ceiling is {})", lambda: [summary("bandit")["heldout_ceiling"]["mean"]]),
+    ("docs/science.md", "(hidden {}, {} layers), a {}-token BPE tokenizer trained on the bundled {} ShareGPT pairs, "
+     "an {}-step SFT warm-up",
+     lambda: [demo("hidden_size"), demo("num_hidden_layers"), demo("tokenizer_vocab_size"), bundled_pairs(),
+              demo("sft_warmup_steps")]),
+    ("docs/science.md", "{}% of the pairs ({}) held out, β = {}, {} epochs = {} optimizer steps",
+     lambda: [100 * demo("eval_ratio"), bundled_pairs() - _D["pairs"], demo("beta"), demo("num_train_epochs"),
+              float(tiny_runs()[0]["step"])]),
+    ("docs/science.md", "mean [95% t-CI] over {} seeds (`python -m experiments.tiny_lm`, {} trainer runs, {} min",
+     lambda: [len(summary("tiny_lm")["config"]["seeds"]), len(tiny_runs()), summary("tiny_lm")["seconds"] / 60]),
+    ("docs/science.md", "(mean ē {}), so with φ* = auto ({} here) c(x) has mean {} and standard deviation {}, "
+     "with 10/50/90% quantiles {}, {} and {} and a long left tail down to {}",
+     lambda: [_D["e_mean"], _D["phi_star_auto"], _D["c_mean"], _D["c_std"], *_D["c_quantiles_10_50_90"],
+              _D["c_min"]]),
+    ("docs/science.md", "is significant at {} seeds", lambda: [len(summary("tiny_lm")["config"]["seeds"])]),
+    ("docs/science.md", "memorises its {} training pairs and does not generalise to the {} held-out ones "
+     "(held-out accuracy {}–{} over the {} runs, where one pair is {})",
+     lambda: [_D["pairs"], bundled_pairs() - _D["pairs"], min(_tiny_acc()), max(_tiny_acc()), len(tiny_runs()),
+              1 / (bundled_pairs() - _D["pairs"])]),
+    ("docs/science.md", "rank correlation yes (part 1, and {} for a miscalibrated",
+     lambda: [summary("bandit")["spearman_c_hat"]["mean"]]),
+]
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+def _as_float(shown: str) -> float:
+    return float(shown.replace(",", "").replace("−", "-"))
+
+
+def _tolerance(shown: str) -> float:
+    """Half a unit of the last digit shown: 0.44 stands for [0.435, 0.445]."""
+    shown = shown.replace(",", "").lstrip("+−-")
+    mantissa, _, exponent = shown.partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    return 0.5 * 10 ** -decimals * 10 ** int(exponent.replace("−", "-") or 0)
+
+
+def _claim_regex(phrase: str) -> re.Pattern:
+    parts = [re.escape(_squash(p)).replace(r"\ ", " ") for p in phrase.split("{}")]
+    return re.compile(NUMBER.join(parts))
+
+
+@pytest.mark.parametrize("page,phrase,values", CLAIMS, ids=[f"{p}:{s[:40]}" for p, s, _ in CLAIMS])
+def test_quoted_figure_matches_its_source(page: str, phrase: str, values: Callable[[], list[float]]) -> None:
+    text = _squash(read(README if page == "README.md" else DOCS.parent / page))
+    m = _claim_regex(phrase).search(text)
+    assert m, f"{page}: the phrase {phrase!r} is gone (reworded?); keep the figure it quotes checked"
+    want = values()
+    shown = m.groups()
+    assert len(shown) == len(want), (phrase, shown, want)
+    wrong = [(s, w) for s, w in zip(shown, want) if abs(_as_float(s) - float(w)) > _tolerance(s) + 1e-12]
+    assert not wrong, f"{page}: {phrase!r}: shown vs committed value: {wrong}"
+
+
+def test_qualitative_claims_hold() -> None:
+    """The words around the figures: 'a fifth', 'about a third', 'significant', 'less than 0.002'."""
+    lin = _linear("ours-chunked")
+    assert 0.15 < _chunk_mib("CPU") / _logits_mib(lin) < 0.25
+    dpo, true, est = (bandit_regret("infinite data", m) for m in ("dpo", "theta_true", "theta_est"))
+    assert 0.25 < (dpo - est) / (dpo - true) < 0.42
+    assert all(t["p_signflip_holm"] < 0.05 and t["mean_diff"] > 0 for t in bandit_tests("regret", "32 pairs/prompt"))
+    accuracy_diffs = [abs(t["mean_diff"]) for m in ("heldout_accuracy", "ranking_accuracy") for t in bandit_tests(m)]
+    assert max(accuracy_diffs) < 0.002
+    assert all(t["p_signflip_holm"] >= 0.05 for m in ("heldout_accuracy", "ranking_accuracy") for t in bandit_tests(m))
+    assert all(t["p_t"] >= 0.05 and t["p_signflip"] >= 0.05 for t in summary("tiny_lm")["tests"])
+    assert all(s["spearman_within_n_min"] == 1 for s in summary("dispersion_vs_truth")["summary"]
+               if s["estimator"] != "sequence_sampled")
+    text = read(DOCS / "science.md")
+    assert "no comparison significant after Holm" in text and "less than 0.002 in every regime" in text
+
+
+def test_launch_heuristics_table_is_the_code() -> None:
+    import torch
+
+    from mallowspo_fast.ops.triton_path import launch_config
+
+    rows = md_table(DOCS / "op.md", "| V | bf16/fp16")
+    assert len(rows) >= 4
+    for row in rows:
+        vocab = int(row["V"].replace(",", ""))
+        for column, dtypes in (("bf16/fp16: BLOCK_V, warps, loop trips", (torch.bfloat16, torch.float16)),
+                               ("fp32: BLOCK_V, warps, loop trips", (torch.float32,))):
+            block, warps, trips = (int(x) for x in row[column].split(","))
+            for dtype in dtypes:
+                assert launch_config(vocab, dtype) == (block, warps), (vocab, dtype, row[column])
+                assert -(-vocab // block) == trips, (vocab, block, trips)
