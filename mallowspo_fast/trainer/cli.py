@@ -168,11 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     _quiet_libraries(rank == 0)
     from .demo import format_summary
+    from .faults import NonFiniteError
     from .loop import train
 
     try:
         result = train(cfg)
-    except ValueError as e:
+    except (ValueError, NonFiniteError) as e:
         if os.environ.get("MALLOWSPO_FAST_DEBUG") == "1":
             raise
         print(f"mallowspo-train: error: {e}\n(set MALLOWSPO_FAST_DEBUG=1 for the traceback)", file=sys.stderr)

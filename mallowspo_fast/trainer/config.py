@@ -28,6 +28,7 @@ LOGPROB_BACKENDS = ("auto", "triton", "torch", "reference")
 LOGITS_MODES = ("logits", "chunked")
 REPORT_TO = ("all", "none", "tensorboard")
 TRUNCATION_MODES = ("keep_start", "keep_end")
+NONFINITE_ACTIONS = ("stop", "skip")
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -140,12 +141,19 @@ class TrainConfig:
                                "training; the warmed model becomes policy and reference", group="optim")
     sft_learning_rate: float = _f(1e-3, "learning rate of the SFT warm-up", group="optim")
     seed: int = _f(42, "random seed (model init, data order)", group="optim")
+    on_nonfinite: str = _f("stop", "a non-finite loss or gradient norm: stop (error naming the step and the rows, "
+                           "no update applied, no checkpoint written) or skip (that update is not applied, "
+                           "counted as nonfinite_skipped)", group="optim", choices=NONFINITE_ACTIONS)
+    max_nonfinite_in_a_row: int = _f(5, "on_nonfinite=skip: stop after this many skipped updates in a row",
+                                     group="optim")
 
     # --- DeepSpeed -------------------------------------------------------------------------------------
     zero_stage: int = _f(3, "ZeRO stage 0-3", group="deepspeed")
     bf16: bool = _f(False, "bfloat16 weights and compute (fp32 master weights)", group="deepspeed")
     offload_optimizer: bool = _f(False, "ZeRO: optimizer states on CPU", group="deepspeed")
     offload_param: bool = _f(False, "ZeRO-3: parameters on CPU", group="deepspeed")
+    ddp_timeout: int = _f(1800, "seconds a collective (all-reduce, barrier) may wait for the other ranks "
+                          "before the run fails instead of hanging", group="deepspeed")
     deepspeed: str | dict | None = _f(None, "extra DeepSpeed config (JSON file or mapping) merged over the "
                                       "built one; batch sizes must agree", group="deepspeed")
 
@@ -584,6 +592,11 @@ def _validate_runtime(cfg: TrainConfig) -> None:
     _require(cfg.eval_steps is None or cfg.eval_steps >= 1, f"eval_steps must be >= 1 or null, found {cfg.eval_steps}")
     _require(cfg.save_total_limit is None or cfg.save_total_limit >= 1,
              f"save_total_limit must be >= 1 or null, found {cfg.save_total_limit}")
+    _require(cfg.max_nonfinite_in_a_row >= 1,
+             f"max_nonfinite_in_a_row must be >= 1, found {cfg.max_nonfinite_in_a_row}")
+    _require(cfg.ddp_timeout >= 1, f"ddp_timeout must be >= 1 (seconds), found {cfg.ddp_timeout}")
+    _require(cfg.on_nonfinite != "skip" or cfg.zero_stage >= 1 or cfg.bf16, "on_nonfinite=skip needs zero_stage >= "
+             "1 or bf16=true (the engine then discards a non-finite update); with zero_stage=0 in fp32 use stop")
     if cfg.resume_from_checkpoint not in (None, "auto"):
         p = Path(cfg.resume_from_checkpoint)
         _require(p.is_dir(), f"resume_from_checkpoint={cfg.resume_from_checkpoint!r}: no such checkpoint "

@@ -7,6 +7,7 @@ without synchronising the accelerator stream.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -56,8 +57,11 @@ class DistState:
 _STATE: DistState | None = None
 
 
-def init_distributed() -> DistState:
-    """Initialise torch.distributed through DeepSpeed once (nccl on CUDA, gloo on CPU)."""
+def init_distributed(timeout_s: float | None = None) -> DistState:
+    """Initialise torch.distributed through DeepSpeed once (nccl on CUDA, gloo on CPU).
+
+    ``timeout_s`` bounds how long a collective waits for the other ranks (torch's default when None): a
+    rank that died or hangs then fails the others instead of blocking them forever."""
     global _STATE
     if _STATE is not None:
         return _STATE
@@ -73,8 +77,9 @@ def init_distributed() -> DistState:
         compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
         if isinstance(compatible, dict) and os.environ.get("MALLOWSPO_FAST_DS_SHM") != "1":
             compatible["deepspeed_shm_comm"] = False
+    kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo", **kwargs)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if on_cuda:
@@ -82,7 +87,7 @@ def init_distributed() -> DistState:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    control = dist.new_group(backend="gloo") if on_cuda else dist.group.WORLD
+    control = dist.new_group(backend="gloo", **kwargs) if on_cuda else dist.group.WORLD
     _STATE = DistState(rank, local_rank, world, device, control)
     return _STATE
 

@@ -108,7 +108,10 @@ class MetricLogger:
     def log_train(self, step: int, epoch: float, extras: dict[str, float]) -> dict[str, float]:
         """Average the window over steps and ranks and write it. Every rank must call this."""
         keys = sorted(self.sums)
-        vec = torch.stack([self.sums[k].float() for k in keys] + [self.tokens.float()])
+        # a window whose updates were all skipped (on_nonfinite=skip) has no metrics: the same on every rank
+        tokens = self.tokens if self.tokens is not None else torch.zeros((), dtype=torch.float64,
+                                                                          device=self.state.device)
+        vec = torch.stack([self.sums[k].float() for k in keys] + [tokens.float()])
         vec = _all_reduce_sum(vec, self.state)
         # Sums and counts (KTO's *_sum, count/*) are totals over the window and ranks, the rest are means.
         steps = max(1, self.count) * self.state.world_size

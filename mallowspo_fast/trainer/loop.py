@@ -27,6 +27,8 @@ from . import batches as B
 from . import checkpoint as C
 from .config import TrainConfig
 from .export import export_hf
+from .faults import NonFiniteError, fault_point
+from .guard import NonFiniteGuard
 from .launch import DistState, any_rank, barrier, init_distributed, max_over_ranks
 from .logs import CURVES_FILE, MetricLogger, peak_memory_mb, plot_curves
 from .model import build_model, inference_engine, policy_engine
@@ -210,7 +212,7 @@ def batch_loss(cfg: TrainConfig, out: Any, ref_batch: Any, batch: dict[str, torc
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the recipe described by ``cfg`` (already validated) and return what it produced."""
     t0 = time.perf_counter()
-    state = init_distributed()
+    state = init_distributed(cfg.ddp_timeout)
     set_seed(cfg.seed)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
 
@@ -233,12 +235,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         logger.info("logits_mode=chunked: log-probs from the hidden states, %s rows per chunk; the [B, T, V] "
                     "logits are never materialised", cfg.logits_chunk_size or "default")
     ref = setup_reference(cfg, state, engine, tokenizer, train_ds, eval_ds, collator, source)
-    step, num_tokens = 0, 0
+    step, num_tokens, skipped = 0, 0, 0
     resume = C.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     if resume is not None:
         C.check_compatible(resume, cfg)
         client = C.load(engine, resume, state)
         step, num_tokens = int(client["step"]), int(client.get("num_tokens", 0))
+        skipped = int(client.get("nonfinite_skipped", 0))
         batches.restore(client, step, resume)
         logger.info("resumed from %s at step %d", resume, step)
 
@@ -247,41 +250,57 @@ def train(cfg: TrainConfig) -> TrainResult:
     result = TrainResult(cfg.output_dir, step, total, metrics_path=str(log.path), phi_star=ref.phi_star)
     saved_at = evaluated_at = -1
     engine.train()
+    guard = NonFiniteGuard(cfg, state, engine, skipped)
 
     def client_state() -> dict[str, Any]:
         return {"step": step, **batches.position(step), "consumed_samples": step * batches.global_batch,
-                "num_tokens": log.num_tokens, "phi_star": ref.phi_star, "world_size": state.world_size}
+                "num_tokens": log.num_tokens, "phi_star": ref.phi_star, "world_size": state.world_size,
+                "nonfinite_skipped": guard.skipped}
 
-    with C.StopSignal() as stop:
-        while step < total:
-            for micro_rows in batches.micro_batches(step, state.rank):
-                batch = to_device(collator(micro_rows), state.device)
-                ref_batch = ref.batch(batch, "train", state.device)
-                out = forward_logprobs(engine, batch, backend=backend_arg(cfg), logits_mean=True)
-                res = batch_loss(cfg, out, ref_batch, batch, ref.phi_star, state.world_size)
-                engine.backward(res.loss)
-                engine.step()
-                log.accumulate(res.metrics, batch["attention_mask"].sum())
-            step += 1
-            log.advance()
-            if step % cfg.logging_steps == 0 or step == total:
-                rec = log.log_train(step, batches.epoch_at(step), {
-                    "grad_norm": _grad_norm(engine), "learning_rate": float(engine.get_lr()[0]),
-                    "peak_memory_mb": max_over_ranks(peak_memory_mb(state.device), state)})
-                result.history.append(rec["loss"])
-            if eval_ds is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-                log.log_eval(step, batches.epoch_at(step), evaluate(cfg, state, engine, eval_ds, collator, ref))
-                evaluated_at = step
-            stopping = any_rank(stop.received is not None, state)
-            if stopping or (cfg.save_steps and step % cfg.save_steps == 0):
-                result.checkpoint_dir = str(C.save(engine, cfg.output_dir, step, client_state(), state,
-                                                   cfg.to_dict(), cfg.save_total_limit))
-                saved_at = step
-            if stopping:
-                result.stopped_by = stop.received or "a signal on another rank"
-                logger.warning("stopping at step %d (%s); checkpoint saved in %s", step, result.stopped_by,
-                               result.checkpoint_dir)
-                break
+    try:
+        with C.StopSignal() as stop:
+            while step < total:
+                pending = []  # the step's metrics, kept only if its update is applied
+                for micro_rows in batches.micro_batches(step, state.rank):
+                    batch = to_device(collator(micro_rows), state.device)
+                    ref_batch = ref.batch(batch, "train", state.device)
+                    out = forward_logprobs(engine, batch, backend=backend_arg(cfg), logits_mean=True)
+                    res = batch_loss(cfg, out, ref_batch, batch, ref.phi_star, state.world_size)
+                    fault_point("step:forward", step + 1, state.rank)
+                    engine.backward(guard.loss_for_backward(res.loss, res.losses, out.logps, batch["index"]))
+                    if engine.is_gradient_accumulation_boundary():
+                        guard.before_step(step + 1)
+                    engine.step()
+                    pending.append((res.metrics, batch["attention_mask"].sum()))
+                step += 1
+                if guard.after_step(step):
+                    for metrics, tokens in pending:
+                        log.accumulate(metrics, tokens)
+                log.advance()
+                if step % cfg.logging_steps == 0 or step == total:
+                    extras = {"grad_norm": _grad_norm(engine), "learning_rate": float(engine.get_lr()[0]),
+                              "peak_memory_mb": max_over_ranks(peak_memory_mb(state.device), state)}
+                    if cfg.on_nonfinite == "skip":
+                        extras["nonfinite_skipped"] = guard.skipped
+                    rec = log.log_train(step, batches.epoch_at(step), extras)
+                    result.history.append(rec.get("loss", float("nan")))
+                if eval_ds is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
+                    log.log_eval(step, batches.epoch_at(step), evaluate(cfg, state, engine, eval_ds, collator, ref))
+                    evaluated_at = step
+                stopping = any_rank(stop.received is not None, state)
+                if stopping or (cfg.save_steps and step % cfg.save_steps == 0):
+                    result.checkpoint_dir = str(C.save(engine, cfg.output_dir, step, client_state(), state,
+                                                       cfg.to_dict(), cfg.save_total_limit))
+                    saved_at = step
+                if stopping:
+                    result.stopped_by = stop.received or "a signal on another rank"
+                    logger.warning("stopping at step %d (%s); checkpoint saved in %s", step, result.stopped_by,
+                                   result.checkpoint_dir)
+                    break
+    except NonFiniteError:
+        log.close()
+        release_engines(engine, getattr(ref.live, "engine", None))
+        raise
 
     # --- end: eval, checkpoint, export, curves -----------------------------------------------------
     if result.stopped_by is None:

@@ -1,0 +1,96 @@
+"""The non-finite guard: no update with a non-finite loss or gradient norm is ever applied.
+
+Per micro-batch, with no host read: the rows whose loss or policy log-probs are not finite are recorded on
+the device, and the loss handed to backward is multiplied by 1 (finite loss: exactly the same gradients) or
+by NaN (non-finite loss: every gradient becomes NaN). DeepSpeed's ZeRO optimizers (stages 1-3, and bf16 at
+stage 0) check the global gradient norm before they update and discard the update when it is not finite,
+without stepping the learning-rate schedule; a non-finite loss thus takes the same path as an overflowing
+gradient. At zero_stage 0 in fp32 the engine has no such check, so the guard computes the gradient norm
+itself before the step (one host read per optimizer step, only in that configuration).
+
+After the step, ``engine.was_step_applied()`` (a host value the engine already has) says whether the update
+happened. When it did not: ``on_nonfinite: stop`` raises :class:`NonFiniteError` naming the step and the rows
+of the batch (no checkpoint is written, so the last one is the last good state); ``skip`` counts it and
+raises after ``max_nonfinite_in_a_row`` skipped updates in a row.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .faults import NonFiniteError
+from .launch import DistState
+
+logger = logging.getLogger("mallowspo_fast.trainer")
+
+
+class NonFiniteGuard:
+    def __init__(self, cfg: TrainConfig, state: DistState, engine: Any, skipped: int = 0) -> None:
+        self.cfg, self.state, self.engine = cfg, state, engine
+        self.skipped = skipped  # updates skipped since the start of the run (restored on resume)
+        self.in_a_row = 0
+        self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # fp32 at stage 0: a plain torch optimizer without an overflow check
+        self.own_norm = cfg.zero_stage == 0 and not cfg.bf16
+
+    def loss_for_backward(self, loss: torch.Tensor, losses: torch.Tensor, logps: torch.Tensor,
+                          index: torch.Tensor) -> torch.Tensor:
+        """``loss`` times 1 when it and every row of the micro-batch are finite, else times NaN."""
+        rows_ok = torch.isfinite(losses) & torch.isfinite(logps.detach().view(2, -1)).all(0)
+        self._rows.append((index.detach(), ~rows_ok))
+        ok = torch.isfinite(loss.detach()) & rows_ok.all()
+        return loss * torch.where(ok, 1.0, float("nan")).to(loss.dtype)
+
+    def before_step(self, step: int) -> None:
+        """At the accumulation boundary, before ``engine.step()``: the own gradient-norm check (stage 0 fp32)."""
+        if not self.own_norm:
+            return
+        grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
+        if not bool(torch.isfinite(norm)):
+            what = self._describe(self._rows)
+            self._rows = []
+            self._raise(step, what)
+
+    def after_step(self, step: int) -> bool:
+        """After the boundary ``engine.step()``: True when the update was applied; otherwise stop or count."""
+        applied = self.engine.was_step_applied()
+        rows = self._rows
+        self._rows = []
+        if applied:
+            self.in_a_row = 0
+            return True
+        what = self._describe(rows)
+        if self.cfg.on_nonfinite == "stop":
+            self._raise(step, what)
+        self.skipped += 1
+        self.in_a_row += 1
+        logger.warning("optimizer step %d: %s; the update was skipped (on_nonfinite=skip: %d in a row, %d in "
+                       "all)", step, what, self.in_a_row, self.skipped)
+        if self.in_a_row >= self.cfg.max_nonfinite_in_a_row:
+            raise NonFiniteError(f"optimizer step {step}: {self.in_a_row} updates in a row were skipped for "
+                                 f"non-finite values (max_nonfinite_in_a_row={self.cfg.max_nonfinite_in_a_row}); "
+                                 f"the last: {what}. The last checkpoint in {self.cfg.output_dir} is intact")
+        return False
+
+    def _describe(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> str:
+        """Which rows (dataset index, over all ranks) had a non-finite loss or log-prob."""
+        local = sorted(int(i) for index, bad in rows for i in index[bad.to(index.device)].tolist())
+        if self.state.world_size > 1:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * self.state.world_size
+            dist.all_gather_object(gathered, local, group=self.state.control_group)
+            local = sorted(i for part in gathered for i in part)
+        if local:
+            return f"non-finite loss or log-probs in rows {local} of the training split (dataset index)"
+        return "non-finite gradient norm (every row's loss and log-probs were finite)"
+
+    def _raise(self, step: int, what: str) -> None:
+        raise NonFiniteError(
+            f"optimizer step {step}: {what}; the update was not applied and no checkpoint was written, so the "
+            f"last checkpoint in {self.cfg.output_dir} is intact (on_nonfinite=skip skips such updates)")
