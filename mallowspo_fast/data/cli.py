@@ -182,7 +182,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``mallowspo-data`` and ``python -m mallowspo_fast.data``; returns the exit status."""
+    """Entry point of ``mallowspo-data`` and ``python -m mallowspo_fast.data``.
+
+    Subcommands: ``inspect`` (detected format, skipped rows, first row; token length statistics with
+    ``--tokenizer``), ``validate`` (the same, exit status 1 if any row is malformed), ``pairs`` (make
+    preference pairs from scored or single responses) and ``tokenizer`` (train a local BPE tokenizer).
+    ``mallowspo-data SUBCOMMAND --help`` lists the options.
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 1 when ``validate`` finds malformed rows.
+
+    Raises:
+        SystemExit: bad arguments (status 2, from argparse).
+
+    Examples:
+        >>> main(["inspect", "pairs.jsonl"])
+        0
+    """
     args = build_parser().parse_args(argv)
     if args.command in ("inspect", "validate"):
         return _cmd_inspect(args, fail_on_skips=args.command == "validate")

@@ -104,6 +104,20 @@ class PreferenceCollator:
     - ``index`` int64 [B] when the rows have it (the row's position in the tokenised dataset).
     - every ``ref_*`` column as float32 [B] (e.g. ``ref_chosen_logps``, ``ref_rejected_logps``,
       ``ref_chosen_entropy``, ``ref_rejected_entropy``) when the rows have it.
+
+    Args:
+        pad_token_id: id written on padding positions of ``input_ids`` (an int >= 0).
+        pad_to_multiple_of: round L up to a multiple of this (None: no rounding).
+
+    Raises:
+        ValueError: a bad ``pad_token_id`` / ``pad_to_multiple_of``; when called, an empty list of rows
+            or a row without ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` (naming the row).
+        TypeError: ids that are not lists of ints (naming the row and the column).
+
+    Examples:
+        >>> collate = PreferenceCollator(tok.pad_token_id, pad_to_multiple_of=8)
+        >>> loader = torch.utils.data.DataLoader(ids, batch_size=8, collate_fn=collate)
+        >>> batch = next(iter(loader))            # batch["input_ids"].shape == (16, L)
     """
 
     pad_token_id: int
@@ -140,6 +154,16 @@ class PackedPreferenceCollator:
     - with ``return_flash_attn_kwargs``: ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32) and
       ``max_length_q``/``max_length_k`` (int), the keyword names `transformers` forwards to flash-attention.
     - ``index`` and ``ref_*`` as in :class:`PreferenceCollator`.
+
+    Args:
+        return_flash_attn_kwargs: also return the flash-attention keywords above.
+
+    Raises:
+        ValueError: an empty list of rows or a row without the id columns (naming the row).
+
+    Examples:
+        >>> batch = PackedPreferenceCollator(return_flash_attn_kwargs=True)(rows)
+        >>> out = model(batch["input_ids"], position_ids=batch["position_ids"])
     """
 
     return_flash_attn_kwargs: bool = False
@@ -157,7 +181,21 @@ class PackedPreferenceCollator:
 def pack_sequences(
     prompts: Sequence[list[int]], completions: Sequence[list[int]], return_flash_attn_kwargs: bool = False
 ) -> dict[str, Any]:
-    """Concatenate prompt+completion sequences into the padding-free layout of PackedPreferenceCollator."""
+    """Concatenate prompt+completion sequences into the padding-free layout of PackedPreferenceCollator.
+
+    Args:
+        prompts: one list of prompt ids per sequence.
+        completions: one list of completion ids per sequence (same count as ``prompts``).
+        return_flash_attn_kwargs: also return ``cu_seq_lens_q/k`` and ``max_length_q/k``.
+
+    Returns:
+        A dict with ``input_ids``, ``labels``, ``position_ids``, ``segment_ids`` int64 [1, N] and
+        ``cu_seq_lens`` int32 [S + 1] (S sequences), as described in :class:`PackedPreferenceCollator`.
+
+    Raises:
+        ValueError: a sequence with an empty prompt (packing needs a prompt token to separate
+            sequences).
+    """
     input_ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
@@ -199,6 +237,19 @@ class UnpairedCollator:
     - with ``kl_rows`` (default) and B >= 2: ``kl_input_ids``, ``kl_attention_mask``, ``kl_labels``
       int64 [B, L']: prompt_b + completion_{(b-1) mod B}, mismatched pairs for KTO's KL estimate z0.
     - ``index`` and ``ref_*`` columns as in :class:`PreferenceCollator`.
+
+    Args:
+        pad_token_id: id written on padding positions.
+        pad_to_multiple_of: round the lengths up to a multiple of this (None: no rounding).
+        kl_rows: also build the mismatched KL rows.
+
+    Raises:
+        ValueError: bad padding arguments; when called, an empty list of rows or a row without the
+            id columns.
+        TypeError: a ``label`` that is not a bool (naming the row).
+
+    Examples:
+        >>> batch = UnpairedCollator(tok.pad_token_id)(rows)   # batch["label"]: bool [B]
     """
 
     pad_token_id: int

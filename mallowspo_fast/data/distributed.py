@@ -20,7 +20,11 @@ def _dist_world() -> tuple[int, int]:
 
 
 def is_main_process() -> bool:
-    """True on global rank 0, or when torch.distributed is not initialised."""
+    """Whether this process is the main one.
+
+    Returns:
+        True on global rank 0, or when torch.distributed is not initialised.
+    """
     return _dist_world()[0] == 0
 
 
@@ -31,6 +35,16 @@ def main_process_first(desc: str = "preprocessing") -> Iterator[None]:
     Rank 0 fills the `datasets` cache; the other ranks wait at a barrier and then read the cache
     instead of recomputing it. Nested uses are no-ops, so library functions can use it internally while
     a caller also wraps a larger block. ``desc`` only names the block for readers of stack traces.
+
+    Args:
+        desc: a name for the block.
+
+    Returns:
+        A context manager (a no-op in a single process).
+
+    Examples:
+        >>> with main_process_first("my preprocessing"):
+        ...     ds = ds.map(my_function)         # rank 0 fills the cache, the others read it
     """
     depth = getattr(_state, "depth", 0)
     rank, world = _dist_world()

@@ -20,7 +20,16 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 @dataclass
 class PreferencePair:
-    """One comparison; :meth:`to_dict` gives the standard ``{"prompt", "chosen", "rejected"}`` row."""
+    """One comparison; :meth:`to_dict` gives the standard ``{"prompt", "chosen", "rejected"}`` row.
+
+    Args:
+        prompt: the prompt text.
+        chosen: the preferred response.
+        rejected: the other response.
+        chosen_score: the chosen response's score, when it came from scores.
+        rejected_score: the rejected response's score.
+        metadata: extra fields, written as ``meta_<key>`` columns.
+    """
 
     prompt: str
     chosen: str
@@ -65,6 +74,27 @@ def pairs_from_scored(
     score). A pair is kept when its score gap is strictly greater than ``min_score_gap`` (ties never
     make a pair). ``score_fn(prompt, response)`` scores records instead of ``score_key`` (e.g. a rubric
     or a judge). Missing or non-finite scores raise ValueError naming the record.
+
+    Args:
+        records: dicts with a prompt, a response and (without ``score_fn``) a score.
+        prompt_key: the prompt's key in a record.
+        response_key: the response's key.
+        score_key: the score's key (ignored with ``score_fn``).
+        score_fn: ``score_fn(prompt, response) -> float`` instead of the stored score.
+        min_score_gap: keep a pair only when its score gap is strictly greater (>= 0).
+        pairs_per_prompt: pairs taken per prompt at most (>= 1).
+
+    Returns:
+        The pairs, as :class:`PreferencePair` with their scores.
+
+    Raises:
+        ValueError: a bad ``pairs_per_prompt`` / ``min_score_gap``, a record without a key, or a
+            non-finite score (naming the record).
+        TypeError: a record that is not a dict, or a field of the wrong type (naming the record).
+
+    Examples:
+        >>> pairs = pairs_from_scored(records, min_score_gap=0.5, pairs_per_prompt=1)
+        >>> write_pairs_jsonl(pairs, "pairs.jsonl")
     """
     if pairs_per_prompt < 1:
         raise ValueError(f"pairs_per_prompt must be >= 1, found {pairs_per_prompt}")
@@ -99,7 +129,18 @@ def _truncate(text: str, ratio: float) -> str:
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text``: split after '.', '!' or '?' followed by whitespace."""
+    """Sentences of ``text``: split after '.', '!' or '?' followed by whitespace.
+
+    Args:
+        text: the text to split (stripped first).
+
+    Returns:
+        The sentences, their end punctuation kept.
+
+    Examples:
+        >>> split_sentences("One. Two! Three?")
+        ['One.', 'Two!', 'Three?']
+    """
     return _SENTENCE_END.split(text.strip())
 
 
@@ -151,6 +192,26 @@ def pairs_from_single(
     (keep the first ``truncate_ratio`` of the words), ``"shuffle"`` (reorder sentences, or words for a
     single sentence). Deterministic for a given ``seed`` and record order. A response that cannot be
     changed (one word) yields an identical pair, which :func:`validate_pairs` removes.
+
+    Args:
+        records: dicts with a prompt and one good response.
+        strategy: ``"perturb"``, ``"truncate"`` or ``"shuffle"``.
+        seed: seed of the random changes.
+        prompt_key: the prompt's key in a record.
+        response_key: the response's key.
+        truncate_ratio: fraction of the words kept by ``"truncate"``, in (0, 1).
+        perturb_rate: rate of dropped words and inserted fillers for ``"perturb"``, in (0, 1].
+
+    Returns:
+        One :class:`PreferencePair` per record (``metadata={"source": strategy}``).
+
+    Raises:
+        ValueError: an unknown strategy, a rate out of range, or a record without a key.
+        TypeError: a record that is not a dict, or a field that is not a string.
+
+    Examples:
+        >>> pairs = pairs_from_single(records, strategy="shuffle", seed=1)
+        >>> kept, removed = validate_pairs(pairs, min_chars=10)
     """
     if strategy not in REJECTION_STRATEGIES:
         raise ValueError(f"strategy must be one of {REJECTION_STRATEGIES}, found {strategy!r}")
@@ -180,7 +241,20 @@ def validate_pairs(
     max_chars: int | None = None,
 ) -> tuple[list[PreferencePair], Counter]:
     """Keep pairs with a prompt, responses of ``min_chars``..``max_chars`` characters (stripped) and
-    chosen != rejected. Returns the kept pairs and the count of removed pairs by reason."""
+    chosen != rejected.
+
+    Args:
+        pairs: the pairs to check.
+        min_chars: shortest response kept, in characters after stripping.
+        max_chars: longest response kept (None: no limit).
+
+    Returns:
+        ``(kept, removed)``: the kept pairs and a ``Counter`` of removed pairs by reason.
+
+    Examples:
+        >>> kept, removed = validate_pairs(pairs, min_chars=10, max_chars=4000)
+        >>> removed                    # Counter({'chosen == rejected': 2})
+    """
     kept, removed = [], Counter()
     for pair in pairs:
         chosen, rejected = pair.chosen.strip(), pair.rejected.strip()
@@ -200,7 +274,16 @@ def validate_pairs(
 def write_pairs_jsonl(
     pairs: Iterable[PreferencePair], path: str | os.PathLike, *, include_scores: bool = True
 ) -> int:
-    """Write pairs as JSONL in the standard explicit-prompt format; returns the number of lines."""
+    """Write pairs as JSONL in the standard explicit-prompt format (it loads back as ``standard_explicit``).
+
+    Args:
+        pairs: the pairs to write.
+        path: the output file; its folder is created if needed.
+        include_scores: also write ``chosen_score``, ``rejected_score`` and the ``meta_*`` fields.
+
+    Returns:
+        The number of lines written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0

@@ -422,11 +422,21 @@ def tokenize_preference_data(
         truncation_mode: ``"keep_start"`` or ``"keep_end"`` (module docstring).
         num_proc: processes for ``Dataset.map``; results are cached by the `datasets` fingerprint of the
             input, the tokenizer and these arguments; under torch.distributed rank 0 computes first.
+        load_from_cache_file: passed to ``Dataset.map`` (None: the `datasets` default).
 
     Returns:
         The dataset with ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (completion ids, EOS / end of
         turn included) and ``index`` (position in the result, unless the input has one), plus the
         passthrough columns; the text columns are removed. Dropped rows are counted in a warning.
+
+    Raises:
+        ValueError: an unknown ``truncation_mode``, a ``max_length`` below 2 or ``max_prompt_length``
+            below 1, a tokenizer without an EOS token, rows missing the normalised columns, or every
+            row dropped by truncation.
+
+    Examples:
+        >>> ids = tokenize_preference_data(ds, tok, max_length=1024, max_prompt_length=512)
+        >>> batch = PreferenceCollator(tok.pad_token_id)([ids[0], ids[1]])
     """
     return _tokenize(
         ds,
@@ -451,7 +461,28 @@ def tokenize_unpaired_data(
     load_from_cache_file: bool | None = None,
 ) -> AnyDataset:
     """The unpaired analogue of :func:`tokenize_preference_data`: ``prompt_ids``, ``completion_ids``,
-    ``label`` and ``index``."""
+    ``label`` and ``index``.
+
+    Args:
+        ds: rows with ``prompt``, ``completion``, ``label``, ``is_conversational`` (the output of
+            :func:`load_unpaired_data`).
+        tokenizer: a `transformers` tokenizer with an eos_token.
+        max_length: limit on prompt + completion tokens (None: no limit).
+        max_prompt_length: limit on prompt tokens (None: no limit).
+        truncation_mode: ``"keep_start"`` or ``"keep_end"``.
+        num_proc: processes for ``Dataset.map``.
+        load_from_cache_file: passed to ``Dataset.map``.
+
+    Returns:
+        The dataset with ``prompt_ids``, ``completion_ids``, ``label``, ``index`` and the passthrough
+        columns.
+
+    Raises:
+        ValueError: as :func:`tokenize_preference_data`.
+
+    Examples:
+        >>> ids = tokenize_unpaired_data(load_unpaired_data("kto.json"), tok, max_length=1024)
+    """
     return _tokenize(
         ds,
         tokenizer,

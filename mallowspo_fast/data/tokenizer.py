@@ -26,7 +26,14 @@ _NON_TEXT_KEYS = frozenset({"role", "from", "name", "type"})
 
 
 def iter_texts(rows: Iterable[Any]) -> Iterator[str]:
-    """Every string inside rows of any layout (message contents, prompts, completions), in order."""
+    """Every string inside rows of any layout (message contents, prompts, completions), in order.
+
+    Args:
+        rows: an iterable of rows (dicts, lists of messages or strings), e.g. a dataset.
+
+    Returns:
+        An iterator over the strings; roles and speaker names are left out.
+    """
     stack: list[Any] = []
     for row in rows:
         stack.append(row)
@@ -80,11 +87,22 @@ def train_tokenizer(
         save_dir: if given, ``save_pretrained`` there; ``AutoTokenizer.from_pretrained(save_dir)``
             reloads it offline.
         min_frequency: minimum pair count for a merge.
+        model_max_length: the tokenizer's ``model_max_length``.
+        chat_template: the Jinja chat template stored with it (default: ChatML).
 
     Returns:
         A ``PreTrainedTokenizerFast`` with ``eos_token = bos_token = "<|endoftext|>"``, ``pad_token =
         "<|pad|>"``, the ChatML tokens ``<|im_start|>``/``<|im_end|>`` and a ChatML chat template. It
         adds no special tokens by itself (the chat template and the tokenisation rules place them).
+
+    Raises:
+        ValueError: ``vocab_size`` below 256 bytes + the special tokens, a string that is not an
+            existing path, or no text to train on.
+        TypeError: an input that is neither texts, rows, a dataset nor a path.
+
+    Examples:
+        >>> tok = train_tokenizer(load_preference_data("pairs.jsonl"), vocab_size=8000, save_dir="tok")
+        >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast

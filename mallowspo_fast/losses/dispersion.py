@@ -49,6 +49,13 @@ def pair_entropy(chosen_entropy: torch.Tensor, rejected_entropy: torch.Tensor, v
     Returns:
         ē(x) [B], detached, in the entropies' dtype. Pairs with an empty response are not special-cased
         here (see :func:`empty_response_pairs`).
+
+    Raises:
+        TypeError: an entropy that is not a floating-point tensor [B].
+        ValueError: entropies of different shapes or devices, or a ``vocab_size`` that is not an int >= 2.
+
+    Examples:
+        >>> e = pair_entropy(*ref.entropy.chunk(2), ref_logits.shape[-1])    # collect over the training set
     """
     where = "pair_entropy"
     batch_tensor(chosen_entropy, "chosen_entropy", where)
@@ -63,6 +70,17 @@ def empty_response_pairs(chosen_num_tokens: torch.Tensor, rejected_num_tokens: t
 
     ``int(empty_response_pairs(...).sum())`` is the count to log; the metrics helper reports it as
     ``dispersion/empty_pairs`` without a host sync.
+
+    Args:
+        chosen_num_tokens: [B] response token counts of the chosen answers (``SequenceLogprobs.num_tokens``).
+        rejected_num_tokens: [B] the same for the rejected answers.
+
+    Returns:
+        Bool [B], True where either count is 0.
+
+    Raises:
+        TypeError: counts that are not a tensor [B] of numbers (bool tensors are refused).
+        ValueError: counts of different shapes or devices.
     """
     where = "empty_response_pairs"
     batch_tensor(chosen_num_tokens, "chosen_num_tokens", where, floating=False)
@@ -106,7 +124,13 @@ def neg_log_dispersion(
     Returns:
         c [B] in the entropies' dtype, ≥ 0, never NaN (ē is clamped to [1e-6, 1]).
 
-    Example:
+    Raises:
+        ValueError: ``phi_star`` not a positive number ("auto" included: resolve it with
+            :func:`auto_phi_star` first), only one of the two token counts, a bad ``vocab_size``, or
+            tensors of different shapes.
+        TypeError: an entropy or a count that is not a tensor [B] of the right kind.
+
+    Examples:
         >>> ref = sequence_logprobs(ref_logits, labels)          # rows: chosen then rejected
         >>> ent_w, ent_l = ref.entropy.chunk(2); n_w, n_l = ref.num_tokens.chunk(2)
         >>> c = neg_log_dispersion(ent_w, ent_l, ref_logits.shape[-1],
@@ -147,7 +171,13 @@ def auto_phi_star(
         φ* as a Python float (this reads the values on the host once).
 
     Raises:
-        ValueError: no usable pair, or every ē(x) equal to 1 (all-uniform predictions: no scale).
+        ValueError: no usable pair, NaN or inf entropies, a mask of another length, or every ē(x)
+            equal to 1 (all-uniform predictions: no scale).
+        TypeError: ``empty_pairs`` that is not a bool tensor.
+
+    Examples:
+        >>> phi_star = auto_phi_star(torch.cat(all_pair_entropies), empty_pairs=torch.cat(all_empty))
+        >>> c = neg_log_dispersion(ent_w, ent_l, vocab_size, phi_star=phi_star)
     """
     where = "auto_phi_star"
     e = pair_entropies if isinstance(pair_entropies, torch.Tensor) else torch.tensor(list(pair_entropies))

@@ -14,10 +14,13 @@ __all__ = ["KTOLossOutput", "kto_loss", "orpo_loss"]
 
 
 class KTOLossOutput(NamedTuple):
-    """Result of :func:`kto_loss`.
+    """Result of :func:`kto_loss` (a named tuple).
 
-    loss: scalar mean of ``losses``; losses: [B] weighted per-example loss; rewards: [B] detached
-    β·(log π_θ − log π_ref); kl: 0-dim detached z0 that was used.
+    Attributes:
+        loss: scalar mean of ``losses`` (what to backpropagate).
+        losses: [B] weighted per-example loss.
+        rewards: [B] detached β·(log π_θ − log π_ref).
+        kl: 0-dim detached reference point z0 that was used.
     """
 
     loss: torch.Tensor
@@ -69,7 +72,7 @@ def kto_loss(
             or tensors whose shapes differ.
         TypeError: ``labels`` not a bool tensor, or a log-prob argument not a floating-point tensor.
 
-    Example:
+    Examples:
         >>> out = kto_loss(pol, ref, labels, policy_kl_logps=pol_kl, ref_kl_logps=ref_kl, beta=0.1)
         >>> out.loss.backward()
     """
@@ -150,6 +153,15 @@ def orpo_loss(
     Returns:
         PreferenceLossOutput(loss, losses [B], chosen_rewards, rejected_rewards, nll_loss [B],
         log_odds_ratio [B]).
+
+    Raises:
+        ValueError: ``beta`` ≤ 0, or tensors of different shapes or devices.
+        TypeError: log-probs that are not floating-point tensors [B], or counts that are not numbers.
+
+    Examples:
+        >>> seq = sequence_logprobs(logits[:, :-1], labels[:, 1:])          # no reference model
+        >>> out = orpo_loss(*seq.logps.chunk(2), *seq.num_tokens.chunk(2), beta=0.1)
+        >>> out.loss.backward()
     """
     where = "orpo_loss"
     beta = real_number(beta, "beta", where, low=0.0, low_open=True)

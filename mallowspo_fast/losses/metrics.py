@@ -52,6 +52,17 @@ def preference_metrics(
 
     Returns:
         dict of metric name -> 0-dim float32 tensor.
+
+    Raises:
+        TypeError: a reward or log-prob that is not a floating-point tensor [B], or ``empty_pairs`` that
+            is not a bool tensor.
+        ValueError: tensors of different shapes or devices, or only one of the two logit means.
+
+    Examples:
+        >>> out = preference_loss(pi_w, pi_l, ref_w, ref_l, loss_type="mallows_theta", neg_log_dispersion=c)
+        >>> metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, pi_w, pi_l,
+        ...                              neg_log_dispersion=c)
+        >>> {k: float(v) for k, v in metrics.items()}       # one host sync, at logging steps only
     """
     where = "preference_metrics"
     for name, t in (("chosen_rewards", chosen_rewards), ("rejected_rewards", rejected_rewards),

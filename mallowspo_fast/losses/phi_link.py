@@ -129,6 +129,14 @@ def mallows_phi_link(s: torch.Tensor, phi: torch.Tensor | float) -> torch.Tensor
 
     Returns:
         g_φ(s), same shape and dtype as ``s`` (after broadcasting), differentiable in ``s``.
+
+    Raises:
+        TypeError: ``s`` not a floating-point tensor, or ``phi`` neither a floating-point tensor nor a
+            number (bools are refused).
+        ValueError: ``phi`` that does not broadcast with ``s``.
+
+    Examples:
+        >>> mallows_phi_link(torch.tensor([1.0]), 0.5)     # 1 / (1 + φ) at s = 1: tensor([0.6667])
     """
     s_in = s
     s, phi = _prepare(s, phi, "mallows_phi_link")
@@ -149,7 +157,11 @@ def mallows_phi_link_nll(s: torch.Tensor, phi: torch.Tensor | float) -> torch.Te
     Returns:
         −log g_φ(s), same shape and dtype as ``s`` (after broadcasting); computed in float64.
 
-    Example:
+    Raises:
+        TypeError: as :func:`mallows_phi_link`.
+        ValueError: as :func:`mallows_phi_link`.
+
+    Examples:
         >>> mallows_phi_link_nll(torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5]))  # [0.5846, 0.4055]
     """
     s_in = s

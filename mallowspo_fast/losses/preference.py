@@ -24,14 +24,16 @@ _ALWAYS_LENGTH_NORMALISED = frozenset({"ipo", "simpo"})  # TRL conventions
 
 
 class PreferenceLossOutput(NamedTuple):
-    """Result of :func:`preference_loss` (and :func:`orpo_loss`).
+    """Result of :func:`preference_loss` (and :func:`orpo_loss`), a named tuple.
 
-    loss: scalar, mean of ``losses`` (what to backpropagate).
-    losses: [B] per-pair loss, including the SFT / RPO add-ons.
-    chosen_rewards / rejected_rewards: [B] detached implicit rewards β·(log π_θ − log π_ref), never
-        scaled by c(x).
-    nll_loss: [B] chosen NLL that entered the loss (SFT / RPO / ORPO), detached; None when unused.
-    log_odds_ratio: [B] detached ORPO log odds ratio; None for the other losses.
+    Attributes:
+        loss: scalar, mean of ``losses`` (what to backpropagate).
+        losses: [B] per-pair loss, including the SFT / RPO add-ons.
+        chosen_rewards: [B] detached implicit rewards β·(log π_θ − log π_ref) of the chosen answers,
+            never scaled by c(x).
+        rejected_rewards: [B] the same for the rejected answers.
+        nll_loss: [B] chosen NLL that entered the loss (SFT / RPO / ORPO), detached; None when unused.
+        log_odds_ratio: [B] detached ORPO log odds ratio; None for the other losses.
     """
 
     loss: torch.Tensor
@@ -169,7 +171,7 @@ def preference_loss(
         TypeError: an argument of the wrong type: not a tensor, not floating point, a bool or a
             non-finite number.
 
-    Example:
+    Examples:
         >>> seq = sequence_logprobs(policy_logits, labels); ref = ...  # rows: chosen then rejected
         >>> out = preference_loss(*seq.logps.chunk(2), *ref.logps.chunk(2), loss_type="mallows_theta",
         ...                       beta=0.1, neg_log_dispersion=c)

@@ -247,7 +247,15 @@ def linear_token_logprobs(
     Returns:
         TokenLogprobs(logps, entropy), fp32, shape of ``labels``.
 
-    Example:
+    Raises:
+        TypeError: a non-tensor argument, ``hidden`` not floating point, ``weight`` / ``bias`` of another
+            dtype than ``hidden``, or labels that are not int64 / int32.
+        ValueError: shapes that do not fit together (H of ``hidden`` and ``weight``, ``labels`` and
+            ``hidden``'s leading dims, ``bias`` [V]), tensors on different devices, a temperature that
+            is not positive, a bad ``chunk_size``, an unknown backend, or (on CPU) a label outside
+            [0, V) that is not ``ignore_index``, naming its position.
+
+    Examples:
         >>> hidden = model.model(input_ids, attention_mask=mask).last_hidden_state
         >>> tok = linear_token_logprobs(hidden[:, :-1], model.lm_head.weight, labels[:, 1:])
     """
@@ -286,14 +294,26 @@ def linear_sequence_logprobs(
     layer, without materialising the logits.
 
     Args:
-        hidden: [B, T, H]; weight: [V, H]; labels: [B, T] (see :func:`linear_token_logprobs` for the
-            other arguments).
+        hidden: [B, T, H] last hidden states, float32/bfloat16/float16; any strides (the shifted view
+            ``hidden[:, :-1]`` is never copied whole).
+        weight: [V, H] output-layer weight, same dtype as ``hidden``.
+        labels: [B, T] int64 (or int32), aligned with ``hidden``; ``ignore_index`` marks prompt and
+            padding.
+        bias: optional [V] output-layer bias.
+        ignore_index: label value of masked positions.
+        temperature: positive divisor of the logits.
+        chunk_size: unmasked rows per chunk (None: :func:`default_chunk_size`).
+        backend: "triton", "torch", "reference" or None (triton on CUDA, torch elsewhere).
 
     Returns:
         SequenceLogprobs(logps [B] = sum over unmasked tokens, entropy [B] = mean over unmasked tokens
         (0 when there are none), num_tokens [B] int64), as :func:`sequence_logprobs` of the logits.
 
-    Example:
+    Raises:
+        ValueError: ``hidden`` not 3-D, and everything :func:`linear_token_logprobs` raises.
+        TypeError: as :func:`linear_token_logprobs`.
+
+    Examples:
         >>> hidden = model.model(input_ids, attention_mask=mask).last_hidden_state
         >>> seq = linear_sequence_logprobs(hidden[:, :-1], model.lm_head.weight, labels[:, 1:])
         >>> chosen, rejected = seq.logps.chunk(2)

@@ -38,6 +38,14 @@ class LMHeadLogprobs(nn.Module):
         bias: optional output-layer bias [V].
         chunk_size: default token rows per chunk passed to :func:`linear_sequence_logprobs`.
         backend: default backend passed to it (None: triton on CUDA, torch elsewhere).
+
+    Called as ``head(hidden)`` it returns the logits [..., V] like the ``nn.Linear`` it replaces
+    (generation keeps working); as ``head(hidden, labels)`` (hidden [B, T, H], labels [B, T] already
+    aligned) it returns ``SequenceLogprobs`` [B] without the logits.
+
+    Examples:
+        >>> head = install_lm_head_logprobs(model)          # model.lm_head is now this module
+        >>> seq = head(hidden[:, :-1], labels[:, 1:])
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None = None, *, chunk_size: int | None = None,
@@ -127,7 +135,27 @@ def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
 def install_lm_head_logprobs(model: nn.Module, *, chunk_size: int | None = None,
                              backend: str | None = None) -> LMHeadLogprobs:
     """Replace ``model``'s output layer (``get_output_embeddings()``) by an :class:`LMHeadLogprobs`
-    holding the same weight/bias Parameters. Idempotent; call it before ``deepspeed.initialize``."""
+    holding the same weight/bias Parameters. Idempotent; call it before ``deepspeed.initialize``.
+
+    Tied embeddings stay tied and the state-dict keys do not change, so checkpoints and exports are
+    those of the original model.
+
+    Args:
+        model: a Hugging Face causal LM (``get_output_embeddings()`` a linear layer).
+        chunk_size: default token rows per chunk of the head.
+        backend: default backend of the head.
+
+    Returns:
+        The installed head (the existing one when it is already installed).
+
+    Raises:
+        TypeError: the model's output layer is not a linear layer with a [V, H] weight.
+
+    Examples:
+        >>> head = install_lm_head_logprobs(model)
+        >>> model.get_output_embeddings() is head
+        True
+    """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, LMHeadLogprobs):
         return head
@@ -197,7 +225,7 @@ def model_sequence_logprobs(
             range on CPU, bad temperature).
         TypeError: a model whose backbone cannot be found (no ``.model`` and no ``get_decoder()``).
 
-    Example:
+    Examples:
         >>> seq = model_sequence_logprobs(model, input_ids, attention_mask, labels, logits_mode="chunked")
         >>> chosen_logps, rejected_logps = seq.logps.chunk(2)
 
@@ -246,6 +274,21 @@ class CausalLMLogprobs(nn.Module):
     replaced by :class:`LMHeadLogprobs` (same Parameters, same state-dict keys under ``model.``).
 
     The wrapped model stays reachable as ``.model`` (e.g. for ``save_pretrained``).
+
+    Args:
+        model: a Hugging Face causal LM.
+        logits_mode: "chunked" (memory mode) or "logits" (the model's forward, then the fused op).
+        chunk_size: chunked mode: unmasked token rows per chunk (None: the op's default).
+        backend: "triton", "torch", "reference" or None (triton on CUDA, torch elsewhere).
+
+    Raises:
+        ValueError: an unknown ``logits_mode``.
+        TypeError: chunked mode on a model whose output layer is not a linear layer with a [V, H] weight.
+
+    Examples:
+        >>> module = CausalLMLogprobs(model, logits_mode="chunked")
+        >>> engine, *_ = deepspeed.initialize(model=module, config=ds_config, model_parameters=params)
+        >>> seq = engine(input_ids, attention_mask, labels)     # SequenceLogprobs [B]
     """
 
     def __init__(self, model: nn.Module, *, logits_mode: str = "chunked", chunk_size: int | None = None,

@@ -131,7 +131,22 @@ def _quiet_libraries(is_main: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 also after a clean stop on SIGTERM / SIGINT)."""
+    """Entry point of ``mallowspo-train`` and ``python -m mallowspo_fast.train``.
+
+    Arguments: a config file, then ``key=value`` overrides and ``--key value`` flags (OpenRLHF names
+    accepted), ``--demo`` (start from the embedded default), ``--print_config``, ``--help``.
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success (also after a clean stop on SIGTERM / SIGINT, with a checkpoint),
+        2 for a config error (the message names the key), 1 for a data or training error.
+
+    Examples:
+        >>> main(["--demo", "max_steps=20", "output_dir=/tmp/demo"])
+        0
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parse_args(argv)

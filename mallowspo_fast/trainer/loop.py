@@ -50,7 +50,23 @@ logger = logging.getLogger("mallowspo_fast.trainer")
 
 @dataclass
 class TrainResult:
-    """What a run produced (returned on every rank; paths are shared)."""
+    """What a run produced (returned on every rank; paths are shared).
+
+    Attributes:
+        output_dir: the run's output directory.
+        step: optimizer steps done.
+        total_steps: optimizer steps planned.
+        model_dir: the exported Hugging Face model (None when ``export_model`` is off).
+        checkpoint_dir: the last checkpoint written, if any.
+        metrics_path: the ``metrics.jsonl`` log.
+        curves_path: the ``training_curves.png`` plot, if written.
+        phi_star: the φ* used (resolved when ``phi_star: auto``).
+        stopped_by: the signal that stopped the run early (``"SIGTERM"``, ...), else None.
+        seconds: wall time of the run.
+        train_metrics: metrics of the last logging window.
+        eval_metrics: metrics of the last evaluation (``eval_`` keys).
+        history: training loss at each logging step.
+    """
 
     output_dir: str
     step: int
@@ -210,7 +226,26 @@ def batch_loss(cfg: TrainConfig, out: Any, ref_batch: Any, batch: dict[str, torc
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run the recipe described by ``cfg`` (already validated) and return what it produced."""
+    """Run the recipe described by ``cfg`` (already validated) and return what it produced.
+
+    Loads the tokenizer, the data and the model, runs the optional SFT warm-up and the reference pass,
+    then trains with evaluation, logging and checkpoints, and exports the model. Call it on every rank
+    (under the ``deepspeed`` launcher or torchrun); without a launcher it runs as a single process.
+
+    Args:
+        cfg: a config from :func:`load_config`.
+
+    Returns:
+        A :class:`TrainResult` (the same on every rank).
+
+    Raises:
+        ValueError: data that cannot be loaded or is too small for one global batch, and other
+            problems found once the data and the model are known, with the loader's message.
+
+    Examples:
+        >>> result = train(load_config("run.yaml"))
+        >>> result.model_dir, result.eval_metrics["eval_rewards/accuracies"]
+    """
     t0 = time.perf_counter()
     state = init_distributed(cfg.ddp_timeout)
     set_seed(cfg.seed)
