@@ -142,6 +142,20 @@ def parse_hh(text: str, where: str = "text") -> Messages:
     """Split an Anthropic HH transcript into user/assistant turns.
 
     A trailing empty assistant turn (an explicit prompt ending in "Assistant:") is dropped.
+
+    Args:
+        text: ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` (the leading blank lines may be missing).
+        where: what the text is, for error messages (e.g. ``"row 3, chosen"``).
+
+    Returns:
+        A list of ``{"role": "user" | "assistant", "content": str}`` messages, contents stripped.
+
+    Raises:
+        ValueError: text before the first ``Human:`` turn, or no turn at all (naming ``where``).
+
+    Examples:
+        >>> parse_hh("\\n\\nHuman: Hi\\n\\nAssistant: Hello!")
+        [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello!'}]
     """
     body = "\n\n" + text.lstrip() if not text.startswith("\n\n") else text
     parts = _HH_TURN.split(body)
@@ -162,6 +176,17 @@ def split_common_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
 
     The whitespace at the boundary goes to the completions (BPE vocabularies hold " word" tokens), and
     the boundary backs off further while either completion would be empty.
+
+    Args:
+        chosen: the full chosen text (prompt included).
+        rejected: the full rejected text.
+
+    Returns:
+        ``(prompt, chosen_completion, rejected_completion)``; the prompt may be empty.
+
+    Examples:
+        >>> split_common_prefix("The sky is blue today.", "The sky is green today.")
+        ('The sky is', ' blue today.', ' green today.')
     """
     n = 0
     limit = min(len(chosen), len(rejected))

@@ -48,7 +48,17 @@ _streaming_warned: set[str] = set()
 
 @dataclass
 class DataReport:
-    """What loading did: the detected format and the rows skipped, by reason."""
+    """What loading did: the detected format and the rows skipped, by reason.
+
+    Returned by :func:`normalise_dataset`; ``summary()`` gives the text the loaders log.
+
+    Attributes:
+        format: name of the detected format (a row of :data:`PAIRED_FORMATS` / :data:`UNPAIRED_FORMATS`).
+        num_input_rows: rows read (None for a stream, checked as it is read).
+        num_rows: rows kept (None for a stream).
+        skipped: reason -> number of rows skipped for it.
+        first_skipped: reason -> indices of the first rows skipped for it.
+    """
 
     format: str
     num_input_rows: int | None
@@ -71,7 +81,12 @@ class DataReport:
 
 
 class Splits(NamedTuple):
-    """A training split and an optional evaluation split."""
+    """A training split and an optional evaluation split (``Splits(train, eval)``, a named tuple).
+
+    Attributes:
+        train: the training rows (a ``datasets.Dataset`` or, streamed, an ``IterableDataset``).
+        eval: the evaluation rows, or None when no evaluation split was asked for.
+    """
 
     train: AnyDataset
     eval: AnyDataset | None
@@ -80,7 +95,20 @@ class Splits(NamedTuple):
 # ----------------------------------------------------------------------------------------------------
 # raw loading
 def bundled_dataset_path(name: str = "dpo_en_demo.json") -> str:
-    """Path of a data file shipped with the package (``mallowspo_fast/resources``)."""
+    """Path of a data file shipped with the package (``mallowspo_fast/resources``).
+
+    Args:
+        name: file name; the default is the 300 ShareGPT pairs of the offline demo.
+
+    Returns:
+        The absolute path, as a string.
+
+    Raises:
+        FileNotFoundError: no bundled file of that name (the message lists the available ones).
+
+    Examples:
+        >>> ds = load_preference_data(bundled_dataset_path())
+    """
     path = Path(__file__).resolve().parent.parent / "resources" / name
     if not path.is_file():
         available = sorted(p.name for p in path.parent.glob("*.json*")) if path.parent.is_dir() else []
@@ -106,6 +134,20 @@ def load_raw_dataset(
     parquet, csv, tsv, arrow), a folder of data files, a ``save_to_disk`` folder, or a hub name (loaded
     with ``datasets.load_dataset``; ``name`` is the hub configuration). ``split`` accepts slicing such as
     ``"train[:10%]"`` wherever `datasets` does.
+
+    Args:
+        source: what to load (see above).
+        split: the split to return (None: a ``DatasetDict`` source is returned whole).
+        streaming: return an ``IterableDataset`` read lazily.
+        name: the hub configuration (``datasets.load_dataset(source, name)``).
+        **load_kwargs: passed to ``datasets.load_dataset``.
+
+    Returns:
+        A ``datasets.Dataset`` (or ``IterableDataset`` when streaming) with the stored columns.
+
+    Raises:
+        FileNotFoundError: a path that looks local but does not exist (it is not sent to the hub).
+        ValueError: a file `datasets` cannot parse, or a split that does not exist.
     """
     if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if split not in source:
@@ -250,6 +292,24 @@ def normalise_dataset(
 
     Returns the dataset (same kind as the input) and a :class:`DataReport`. Malformed rows are skipped
     and counted by reason, or raise ValueError naming the row in strict mode; an empty result raises.
+
+    Args:
+        ds: raw rows, e.g. from :func:`load_raw_dataset`.
+        paired: detect among the paired formats (True) or the unpaired (KTO) ones.
+        column_mapping: canonical name -> column of ``ds`` (see :func:`load_preference_data`).
+        strict: raise at the first malformed row instead of skipping it.
+        num_proc: processes for the map.
+
+    Returns:
+        ``(dataset, report)``: the canonical rows and a :class:`DataReport`.
+
+    Raises:
+        ValueError: no format matches (the message lists the columns found and every format tried), a
+            bad column mapping, a malformed row in strict mode, or no row left.
+
+    Examples:
+        >>> ds, report = normalise_dataset(load_raw_dataset("pairs.jsonl"))
+        >>> print(report.summary())
     """
     fields = PAIRED_FIELDS if paired else UNPAIRED_FIELDS
     ds = apply_column_mapping(ds, column_mapping, fields)
@@ -330,6 +390,8 @@ def load_preference_data(
         strict: raise ValueError on the first malformed row (with its index) instead of skipping it.
         streaming: return an ``IterableDataset`` read lazily (rows are checked as they stream).
         num_proc: processes for the normalisation map.
+        name: the hub configuration (``datasets.load_dataset(source, name)``).
+        **load_kwargs: passed to ``datasets.load_dataset``.
 
     Returns:
         A dataset with ``prompt``, ``chosen``, ``rejected`` (lists of ``{"role", "content"}``),
@@ -338,6 +400,12 @@ def load_preference_data(
     Raises:
         ValueError: unknown format (listing the columns found and the formats tried), a bad column
             mapping, a malformed row in strict mode, or no rows left after skipping malformed ones.
+        FileNotFoundError: a local-looking path that does not exist.
+
+    Examples:
+        >>> ds = load_preference_data("se.parquet", column_mapping={"prompt": "question",
+        ...                           "chosen": "response_j", "rejected": "response_k"})
+        >>> row = ds[0]              # row["prompt"]: a list of {"role", "content"} messages
     """
     with main_process_first("load"):
         raw = load_raw_dataset(source, split=split, streaming=streaming, name=name, **load_kwargs)
@@ -365,6 +433,27 @@ def load_unpaired_data(
     "label"}`` (the trailing assistant message(s) are the completion). Arguments as in
     :func:`load_preference_data`; canonical names for the mapping: prompt, completion, label, messages,
     system (e.g. ``{"label": "kto_tag"}``).
+
+    Args:
+        source: as in :func:`load_preference_data`.
+        column_mapping: canonical name -> column.
+        split: the split to load.
+        strict: raise on the first malformed row instead of skipping it.
+        streaming: return an ``IterableDataset`` read lazily.
+        num_proc: processes for the normalisation map.
+        name: the hub configuration.
+        **load_kwargs: passed to ``datasets.load_dataset``.
+
+    Returns:
+        A dataset with ``prompt``, ``completion`` (message lists), ``label`` (bool),
+        ``is_conversational`` and the other source columns.
+
+    Raises:
+        ValueError: paired data or another unknown layout (listing the columns found and expected), a
+            label that is not a boolean in strict mode, or no row left.
+
+    Examples:
+        >>> ds = load_unpaired_data("kto.json", column_mapping={"label": "kto_tag"})
     """
     with main_process_first("load"):
         raw = load_raw_dataset(source, split=split, streaming=streaming, name=name, **load_kwargs)
@@ -376,7 +465,18 @@ def load_unpaired_data(
 
 
 def unpair_preference_data(ds: datasets.Dataset) -> datasets.Dataset:
-    """Unpaired rows from normalised pairs: each chosen becomes a True row, each rejected a False row."""
+    """Unpaired rows from normalised pairs: each chosen becomes a True row, each rejected a False row.
+
+    Args:
+        ds: output of :func:`load_preference_data` (not streamed).
+
+    Returns:
+        A dataset of 2·len(ds) rows ``prompt``, ``completion``, ``label``, ``is_conversational``: all
+        chosen rows first, then all rejected ones.
+
+    Raises:
+        ValueError: ``ds`` lacks the normalised ``prompt`` / ``chosen`` / ``rejected`` columns.
+    """
     missing = {"prompt", "chosen", "rejected"} - set(ds.column_names)
     if missing:
         raise ValueError(
@@ -405,6 +505,22 @@ def train_eval_split(
     """Hold out an evaluation split, by ratio (shuffled with ``seed``) or by a count of rows.
 
     A streamed dataset can only be split by ``eval_size``: its first rows become the eval split.
+
+    Args:
+        ds: the rows to split.
+        eval_ratio: fraction in (0, 1) held out (at least one row); give this or ``eval_size``.
+        eval_size: number of rows held out.
+        seed: seed of the shuffle before a map-style split.
+
+    Returns:
+        :class:`Splits` ``(train, eval)``.
+
+    Raises:
+        ValueError: both or neither of ``eval_ratio`` / ``eval_size``, a value out of range, a ratio
+            on a streamed dataset, or an eval split that would leave no training row.
+
+    Examples:
+        >>> train, eval = train_eval_split(ds, eval_ratio=0.05, seed=0)
     """
     if (eval_ratio is None) == (eval_size is None):
         raise ValueError(
@@ -444,6 +560,24 @@ def load_preference_splits(
 
     ``kwargs`` go to :func:`load_preference_data` (or :func:`load_unpaired_data` when ``unpaired``)
     for both sources.
+
+    Args:
+        source: the training data (any source :func:`load_preference_data` takes).
+        eval_source: separate evaluation data; exclusive with ``eval_ratio`` / ``eval_size``.
+        eval_ratio: fraction of the training rows held out (see :func:`train_eval_split`).
+        eval_size: number of training rows held out.
+        seed: seed of the held-out sample.
+        unpaired: load unpaired (KTO) rows instead of pairs.
+        **kwargs: passed to the loader for both sources.
+
+    Returns:
+        :class:`Splits` ``(train, eval)``; ``eval`` is None when no evaluation data was asked for.
+
+    Raises:
+        ValueError: ``eval_source`` together with a ratio or size, and whatever the loader raises.
+
+    Examples:
+        >>> train, eval = load_preference_splits("pairs.jsonl", eval_ratio=0.05, seed=0)
     """
     loader = load_unpaired_data if unpaired else load_preference_data
     train = loader(source, **kwargs)

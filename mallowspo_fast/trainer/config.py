@@ -40,7 +40,12 @@ def _f(default: Any, help: str, **extra: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run. Build it with :func:`load_config` (which validates)."""
+    """Every setting of a training run. Build it with :func:`load_config` (which validates).
+
+    One field per key; the [Config reference](../config-reference.md) lists them all with their type,
+    default and meaning (``mallowspo-train --help`` prints the same). Constructing the dataclass directly
+    skips the coercion and the checks: use :func:`load_config` or :func:`build_config`.
+    """
 
     # --- model ---------------------------------------------------------------------------------------
     model_name_or_path: str | None = _f(None, "policy to fine-tune: a local Hugging Face model directory "
@@ -369,7 +374,23 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_config(values: Mapping[str, Any], where: str = "config", *, world_size: int | None = None) -> TrainConfig:
-    """Coerce and validate a raw mapping into a :class:`TrainConfig`."""
+    """Coerce and validate a raw mapping into a :class:`TrainConfig`.
+
+    Args:
+        values: key -> value (strings are read as YAML scalars; dotted keys set entries of mappings).
+        where: where the values came from, for error messages.
+        world_size: ranks to validate the batch sizes against (None: ``WORLD_SIZE`` or 1).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ValueError: an unknown key (with a suggestion), a value of the wrong type or out of range, an
+            inconsistent combination or a missing local path, naming the key.
+
+    Examples:
+        >>> cfg = build_config({"loss_type": "sigmoid", "beta": 0.1, "model_config": {...}})
+    """
     raw: dict[str, Any] = {}
     merge_values(raw, values, where)
     kwargs = {name: _coerce(name, value, HINTS[name]) for name, value in raw.items()}
@@ -385,7 +406,26 @@ def load_config(
     base: Mapping[str, Any] | None = None,
     world_size: int | None = None,
 ) -> TrainConfig:
-    """``base`` mapping, then the YAML file, then the overrides (``key=value`` strings or a mapping)."""
+    """A validated config from, in order (later wins): ``base``, the YAML file, the overrides.
+
+    Args:
+        path: a YAML (or JSON) config file, or None.
+        overrides: ``key=value`` strings (values read as YAML scalars, dotted keys allowed) or a mapping.
+        base: defaults under the file (``mallowspo-train --demo`` passes the demo's).
+        world_size: ranks to validate the batch sizes against (None: ``WORLD_SIZE`` or 1).
+
+    Returns:
+        The validated :class:`TrainConfig`.
+
+    Raises:
+        ValueError: an unreadable file, an unknown key (with a "did you mean"), a wrong type, a value out
+            of range, an inconsistent combination (e.g. ``offload_param`` without ZeRO-3) or a missing
+            local path, naming the key.
+
+    Examples:
+        >>> cfg = load_config("run.yaml", ["learning_rate=1e-6", "model_config.hidden_size=128"])
+        >>> cfg = load_config(None, {"model_config": {"model_type": "llama"}, "dataset_name": "pairs.jsonl"})
+    """
     values: dict[str, Any] = {}
     if base:
         merge_values(values, base, "defaults")
