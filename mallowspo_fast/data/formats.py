@@ -70,9 +70,10 @@ def _is_message_list(value: Any) -> bool:
 
 
 def _message(raw: Mapping[str, Any], where: str) -> dict[str, str]:
-    if "role" in raw or "content" in raw:
+    # Keys holding None count as absent: Arrow gives every message of a column the union of the keys.
+    if raw.get("role") is not None or raw.get("content") is not None:
         role, content = raw.get("role"), raw.get("content")
-    elif "from" in raw or "value" in raw:
+    elif raw.get("from") is not None or raw.get("value") is not None:
         role, content = raw.get("from"), raw.get("value")
     else:
         raise RowError(

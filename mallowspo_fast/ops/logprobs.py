@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from math import inf
 from typing import NamedTuple
 
 import torch
@@ -59,10 +60,10 @@ def _validate(logits: torch.Tensor, labels: torch.Tensor | None, temperature: fl
             raise TypeError(f"{where}: logits must be a tensor, got {type(logits)}")
         if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise TypeError(f"{where}: logits must be float32/bfloat16/float16/float64, got {logits.dtype}")
-        if logits.dim() < 1:
-            raise ValueError(f"{where}: expected logits [..., V], got a 0-dim tensor")
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"{where}: temperature must be a positive number, got {temperature!r}")
+        if logits.dim() < 1 or logits.shape[-1] == 0:
+            raise ValueError(f"{where}: expected logits [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+        if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and 0 < temperature < inf):
+            raise ValueError(f"{where}: temperature must be a finite positive number, got {temperature!r}")
         return
     if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError(f"{where}: logits and labels must be tensors, got {type(logits)} and {type(labels)}")
@@ -77,8 +78,18 @@ def _validate(logits: torch.Tensor, labels: torch.Tensor | None, temperature: fl
         )
     if logits.device != labels.device:
         raise ValueError(f"{where}: logits on {logits.device} but labels on {labels.device}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"{where}: temperature must be a positive number, got {temperature!r}")
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and 0 < temperature < inf):
+        raise ValueError(f"{where}: temperature must be a finite positive number, got {temperature!r}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{where}: logits {tuple(logits.shape)} have an empty vocabulary dimension (V = 0)")
+
+
+def check_inplace(logits: torch.Tensor, inplace_backward: bool, where: str) -> None:
+    """In-place backward writes each gradient element into its logit's memory: elements sharing memory
+    (an expanded view, stride 0) would receive each other's gradients."""
+    if inplace_backward and logits.numel() > 1 and any(s == 0 and n > 1 for s, n in zip(logits.stride(), logits.shape)):
+        raise ValueError(f"{where}: inplace_backward=True needs logits whose elements do not share memory; "
+                         f"found strides {logits.stride()} for shape {tuple(logits.shape)} (an expanded view)")
 
 
 def check_labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: int, where: str) -> None:
@@ -143,6 +154,7 @@ def token_logprobs(
     if labels is None:
         return token_entropy(logits, temperature=temperature, backend=backend, inplace_backward=inplace_backward)
     _validate(logits, labels, temperature, "token_logprobs")
+    check_inplace(logits, inplace_backward, "token_logprobs")
     labels = labels.long()
     be = resolve_backend(backend, logits.device)
     check_labels_in_range(labels, logits.shape[-1], ignore_index, "token_logprobs")
@@ -193,6 +205,7 @@ def token_entropy(
         >>> bonus = (ent * mask).sum() / mask.sum()
     """
     _validate(logits, None, temperature, "token_entropy")
+    check_inplace(logits, inplace_backward, "token_entropy")
     be = resolve_backend(backend, logits.device)
     if be == "reference":
         return TokenEntropy(*naive_token_entropy(logits, temperature))
@@ -233,6 +246,7 @@ def sequence_logprobs(
         raise ValueError("sequence_logprobs: labels are required (they define each sequence's tokens); "
                          "for the entropy of every position use token_logprobs(logits, None) or token_entropy")
     _validate(logits, labels, temperature, "sequence_logprobs")
+    check_inplace(logits, inplace_backward, "sequence_logprobs")
     if logits.dim() != 3:
         raise ValueError(f"sequence_logprobs: expected logits [B, T, V], got shape {tuple(logits.shape)}")
     labels = labels.long()

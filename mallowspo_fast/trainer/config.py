@@ -272,14 +272,14 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool):
             raise ValueError(f"{name}: expected a number, found the bool {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        if isinstance(value, (int, float, str)):
             try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{name}: expected a number, found {value!r}")
+                number = float(value)
+            except (ValueError, OverflowError):
+                number = None
+            if number is not None and math.isfinite(number):
+                return number
+        raise ValueError(f"{name}: expected a number (finite), found {value!r}")
     if hint is str:
         if isinstance(value, (str, os.PathLike)):
             return os.fspath(value)
@@ -455,15 +455,23 @@ def _looks_local(path: str) -> bool:
             or Path(path).suffix.lower() in _FILE_SUFFIXES)
 
 
+def _stat(key: str, path: str | os.PathLike, test: str) -> bool:
+    """``Path(path).<test>()``; a path the OS refuses (too long, a NUL byte) is a ValueError naming ``key``."""
+    try:
+        return "\x00" not in os.fspath(path) and getattr(Path(path).expanduser(), test)()
+    except OSError as err:
+        raise ValueError(f"{key}={os.fspath(path)[:80]!r}...: not a usable path ({err.strerror})") from None
+
+
 def _check_model_path(key: str, path: str | None) -> None:
     if path is None:
         return
     p = Path(path).expanduser()
-    if p.is_dir():
+    if _stat(key, p, "is_dir"):
         _require((p / "config.json").is_file() or key == "tokenizer_name_or_path",
                  f"{key}={path!r}: the directory has no config.json (expected a Hugging Face model directory)")
         return
-    _require(not p.exists() and not _looks_local(path),
+    _require(not _stat(key, p, "exists") and not _looks_local(path),
              f"{key}={path!r}: no such model directory (expected a local Hugging Face model directory "
              "or a hub name like org/name)")
 
@@ -477,6 +485,10 @@ def _world_size(world_size: int | None) -> int:
 
 def validate(cfg: TrainConfig, *, world_size: int | None = None) -> None:
     """Raise ValueError on the first invalid value or combination (nothing is loaded here)."""
+    for name in FIELDS:  # text: null means "none"; an empty string or a NUL byte is never a name or a path
+        value = getattr(cfg, name)
+        _require(not isinstance(value, str) or (value.strip() != "" and "\x00" not in value),
+                 f"{name} must be a non-empty string without NUL bytes (null for none), found {value!r}")
     # model
     _require((cfg.model_name_or_path is None) != (cfg.model_config is None),
              "give exactly one of model_name_or_path (a model directory) and model_config (a fresh model), "
@@ -497,7 +509,7 @@ def validate(cfg: TrainConfig, *, world_size: int | None = None) -> None:
     # data
     _require(cfg.dataset_name is not None, "dataset_name is required (a data file, folder or hub name)")
     if _looks_local(cfg.dataset_name):
-        _require(Path(cfg.dataset_name).expanduser().exists(), f"dataset_name={cfg.dataset_name!r}: no such file "
+        _require(_stat("dataset_name", cfg.dataset_name, "exists"), f"dataset_name={cfg.dataset_name!r}: no such file "
                  "or directory")
     _require(0.0 <= cfg.eval_ratio < 1.0, f"eval_ratio must be in [0, 1), found {cfg.eval_ratio}")
     _require(cfg.eval_size >= 0, f"eval_size must be >= 0, found {cfg.eval_size}")
@@ -509,6 +521,8 @@ def validate(cfg: TrainConfig, *, world_size: int | None = None) -> None:
                 "dataset_num_proc"):
         value = getattr(cfg, key)
         _require(value is None or value >= 1, f"{key} must be >= 1 or null, found {value}")
+    _require(cfg.max_length is None or cfg.max_length >= 2, f"max_length must be >= 2 (a prompt token and a "
+             f"completion token) or null, found {cfg.max_length}")
     if cfg.max_length is not None and cfg.max_prompt_length is not None:
         _require(cfg.max_prompt_length < cfg.max_length, f"max_prompt_length ({cfg.max_prompt_length}) must be "
                  f"smaller than max_length ({cfg.max_length}): the completion needs room")
@@ -594,13 +608,14 @@ def _validate_optim(cfg: TrainConfig, world_size: int) -> None:
     _require(cfg.max_steps >= 1 or cfg.num_train_epochs > 0,
              f"num_train_epochs must be > 0 when max_steps is -1, found {cfg.num_train_epochs}")
     _require(cfg.sft_warmup_steps >= 0, f"sft_warmup_steps must be >= 0, found {cfg.sft_warmup_steps}")
+    _require(0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32) (numpy and datasets seeds), found {cfg.seed}")
     _require(cfg.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, found {cfg.zero_stage}")
     _require(not cfg.offload_param or cfg.zero_stage == 3, "offload_param needs zero_stage=3")
     _require(not cfg.offload_optimizer or cfg.zero_stage >= 1, "offload_optimizer needs zero_stage >= 1")
     _require(not cfg.ref_offload or cfg.zero_stage == 3, "ref_offload (reference parameters on CPU) needs "
              "zero_stage=3")
     if isinstance(cfg.deepspeed, str):
-        _require(Path(cfg.deepspeed).is_file(), f"deepspeed={cfg.deepspeed!r}: no such JSON file")
+        _require(_stat("deepspeed", cfg.deepspeed, "is_file"), f"deepspeed={cfg.deepspeed!r}: no such JSON file")
 
 
 def _validate_streaming(cfg: TrainConfig) -> None:
@@ -638,8 +653,8 @@ def _validate_runtime(cfg: TrainConfig) -> None:
     _require(cfg.on_nonfinite != "skip" or cfg.zero_stage >= 1 or cfg.bf16, "on_nonfinite=skip needs zero_stage >= "
              "1 or bf16=true (the engine then discards a non-finite update); with zero_stage=0 in fp32 use stop")
     if cfg.resume_from_checkpoint not in (None, "auto"):
-        p = Path(cfg.resume_from_checkpoint)
-        _require(p.is_dir(), f"resume_from_checkpoint={cfg.resume_from_checkpoint!r}: no such checkpoint "
+        _require(_stat("resume_from_checkpoint", cfg.resume_from_checkpoint, "is_dir"),
+                 f"resume_from_checkpoint={cfg.resume_from_checkpoint!r}: no such checkpoint "
                  "directory (give 'auto' or a checkpoint-N directory)")
     if cfg.report_to == "tensorboard":
         import importlib.util
