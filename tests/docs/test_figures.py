@@ -170,6 +170,12 @@ def _tiny_seconds() -> list[float]:
     return [float(r["seconds"]) for r in tiny_runs()]
 
 
+def _const(module: str, name: str) -> float:
+    import importlib
+
+    return getattr(importlib.import_module(f"mallowspo_fast.{module}"), name)
+
+
 def _bandit_cfg(key: str):
     return summary("bandit")["config"][key]
 
@@ -221,6 +227,15 @@ CLAIMS: list[tuple[str, str, Callable[[], list[float]]]] = [
      lambda: [_chunk_mib("ACCELERATOR"), _default_rows("meta")]),
     ("docs/memory-mode.md", "default CPU chunk (about {} MiB of fp32 logits) is a fifth of the {} MiB logits",
      lambda: [_chunk_mib("CPU"), _logits_mib(_linear("ours-chunked"))]),
+    # Constants of the code quoted in the text
+    ("docs/losses.md", "(official name `neg_log_dispersion_mean`, default {}", lambda: [_const("losses.dispersion",
+                                                                                             "DEFAULT_PHI_STAR")]),
+    ("docs/op.md", "only one chunk of fp32 temporaries ({} MiB) alive at a time",
+     lambda: [_const("ops.torch_path", "CHUNK_BYTES") / 2**20]),
+    ("docs/op.md", "of V capped at {} KiB of input per block ({} bf16/fp16 columns, {} fp32)",
+     lambda: [_const("ops.triton_path", "MAX_BLOCK_BYTES") / 2**10, _const("ops.triton_path", "MAX_BLOCK_BYTES") / 2,
+              _const("ops.triton_path", "MAX_BLOCK_BYTES") / 4]),
+    ("docs/training.md", "buffer shuffle of {} rows", lambda: [_const("trainer.batches", "STREAM_SHUFFLE_BUFFER")]),
     # Training page (demo)
     ("docs/training.md", "the {} demo runs of the tiny-LM experiment took {}–{} s each",
      lambda: [len(tiny_runs()), min(_tiny_seconds()), max(_tiny_seconds())]),
