@@ -176,6 +176,14 @@ def _const(module: str, name: str) -> float:
     return getattr(importlib.import_module(f"mallowspo_fast.{module}"), name)
 
 
+def _linear_default(flag: str, cuda: bool) -> list[float]:
+    """Default of a ``python -m benchmarks.linear`` shape flag on CUDA or on CPU, read from its source."""
+    source = (DOCS.parent / "benchmarks" / "linear.py").read_text(encoding="utf-8")
+    m = re.search(rf'"--{flag}".*?default=\[([\d, ]+)\] if cuda else \[([\d, ]+)\]', source)
+    assert m, f"benchmarks/linear.py: no CUDA/CPU default for --{flag}"
+    return [float(x) for x in m.group(1 if cuda else 2).split(",")]
+
+
 def _bandit_cfg(key: str):
     return summary("bandit")["config"][key]
 
@@ -236,6 +244,10 @@ CLAIMS: list[tuple[str, str, Callable[[], list[float]]]] = [
      lambda: [_const("ops.triton_path", "MAX_BLOCK_BYTES") / 2**10, _const("ops.triton_path", "MAX_BLOCK_BYTES") / 2,
               _const("ops.triton_path", "MAX_BLOCK_BYTES") / 4]),
     ("docs/training.md", "buffer shuffle of {} rows", lambda: [_const("trainer.batches", "STREAM_SHUFFLE_BUFFER")]),
+    ("docs/benchmarks.md", "The GPU sweep of the memory mode is N = {} tokens, H = {}, V ∈ {{}, {}, {}}, bf16, every "
+     "pass; on CPU it is N = {}, H = {}, V = {}, fp32",
+     lambda: [*_linear_default("n", True), *_linear_default("hidden", True), *_linear_default("vocab", True),
+              *_linear_default("n", False), *_linear_default("hidden", False), *_linear_default("vocab", False)]),
     # Training page (demo)
     ("docs/training.md", "the {} demo runs of the tiny-LM experiment took {}–{} s each",
      lambda: [len(tiny_runs()), min(_tiny_seconds()), max(_tiny_seconds())]),
@@ -363,6 +375,20 @@ def test_qualitative_claims_hold() -> None:
                if s["estimator"] != "sequence_sampled")
     text = read(DOCS / "science.md")
     assert "no comparison significant after Holm" in text and "less than 0.002 in every regime" in text
+
+
+def test_machine_of_the_committed_cpu_run() -> None:
+    """Pages that quote the committed CPU run describe its machine as the run's header does."""
+    header = read(CPU).split("## ", 1)[0]
+    device = re.search(r"- device: (.*)", header).group(1)
+    torch_version = re.search(r"- torch: (\d+\.\d+)", header).group(1)
+    cores = re.search(r"\((\d+) threads\)", device).group(1)
+    assert "Xeon" in device
+    for page in (README, DOCS / "op.md", DOCS / "memory-mode.md", DOCS / "benchmarks.md"):
+        text = _squash(read(page))
+        for m in re.finditer(r"(\d+)-core Intel Xeon (?:VM|virtual machine), torch (\d+\.\d+)", text):
+            assert (m.group(1), m.group(2)) == (cores, torch_version), (rel(page), m.group(0), cores, torch_version)
+        assert re.search(r"\d+-core Intel Xeon (?:VM|virtual machine), torch", text), rel(page)
 
 
 def test_launch_heuristics_table_is_the_code() -> None:
