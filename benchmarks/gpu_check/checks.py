@@ -1,0 +1,437 @@
+"""The correctness checks: each runs one public op on its Triton path and compares it with float64.
+
+What is checked, for each dtype and V of the group (the public ops on their Triton path):
+
+* ``token_logprobs`` / ``sequence_logprobs`` on the shifted view ``logits[:, :-1]`` with masked tokens
+  and an all-masked sequence, upstream gradients on both outputs, on the log-probs only and on the
+  entropies only (the three backward variants), temperature 0.7, ``inplace_backward=True``;
+* the memory mode (``linear_token_logprobs`` / ``linear_sequence_logprobs``, several chunks);
+* -inf logits (a padded vocabulary and a row with a block of -inf): finite values, zero gradient there;
+* out-of-range labels: NaN for those tokens, the others exact, no device fault (on CPU the public op
+  raises ``ValueError`` by contract, so the launcher is called directly for the kernel's behaviour);
+* the per-sequence reduction at every block size it can launch (fp32 group);
+* coverage: every variant of the ahead-of-time enumeration (:mod:`mallowspo_fast.ops.aot`) for the
+  group's dtype and V was launched by some check, and nothing outside it was.
+
+Tolerances are those of ``tests/ops`` (a test keeps them equal). A row passes when every element
+satisfies ``|x - ref| <= atol + rtol·|ref|`` (memory-mode parameter gradients: ``<= rel·max|ref|``);
+``worst`` is the largest ratio of the error to that allowance (> 1 fails).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+MARKER = "@@GPU_CHECK@@"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()} | {torch.float64: "fp64"}
+# Values (logp, H) are fp32 whatever the input; the reference sees the same rounded inputs in float64.
+VALUE_ATOL = {"fp32": 1e-5, "bf16": 1e-4, "fp16": 1e-4}
+VALUE_RTOL = 1e-5
+# Gradients are written in the logits dtype: that dtype's rounding of values <= ~1.
+GRAD_ATOL = {"fp32": 1e-6, "bf16": 8e-3, "fp16": 1e-3}
+GRAD_RTOL = 1e-2
+# Without labels the entropy gradient p·(log p + H) exceeds 1 in magnitude: tests/ops/test_entropy_values.py
+# allows 4x the gradient tolerance.
+NO_LABELS_GRAD_FACTOR = 4
+# Memory-mode parameter gradients (matmul outputs): the tests' bound relative to the largest reference
+# entry (fp16 keeps bf16's, its rounding is finer) plus the worst-case rounding of a K-term fp32
+# accumulation, K·u·(|A|·|B|) elementwise (u = 2^-24; any summation order, split-K included), which the
+# tests' small V never reach: K = V for the hidden states' gradient.
+LINEAR_GRAD_REL = {"fp32": 2e-6, "bf16": 1.2e-2, "fp16": 1.2e-2}
+FP32_UNIT_ROUNDOFF = 2.0**-24
+IGNORE = -100
+UPSTREAMS = ("both", "logp", "entropy")
+
+
+def emit(row: dict[str, Any]) -> None:
+    print(MARKER + json.dumps(row), flush=True)
+
+
+# ----------------------------------------------------------------------------------------- comparison
+
+
+def excess(actual: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> tuple[float, float]:
+    """(max |actual - ref|, max of |actual - ref| / (atol + rtol·|ref|)); a NaN or an infinity where the
+    reference has none gives inf for both."""
+    a, r = actual.detach().double().cpu(), ref.detach().double().cpu()
+    if a.shape != r.shape:
+        raise ValueError(f"shape mismatch: result {tuple(a.shape)} vs reference {tuple(r.shape)}")
+    if a.numel() == 0:
+        return 0.0, 0.0
+    same = (a == r) | (torch.isnan(a) & torch.isnan(r))
+    diff = torch.where(same, torch.zeros_like(a), (a - r).abs())
+    diff = torch.nan_to_num(diff, nan=math.inf)
+    allowed = atol + rtol * torch.nan_to_num(r.abs(), posinf=0.0)
+    ratio = torch.where(diff == 0, torch.zeros_like(diff), diff / allowed)
+    return float(diff.max()), float(ratio.max())
+
+
+def relative_excess(actual: torch.Tensor, ref: torch.Tensor, rel: float) -> tuple[float, float]:
+    """(max |actual - ref|, that / (rel·max|ref|)): matmul outputs scale with their largest entry."""
+    a, r = actual.detach().double().cpu(), ref.detach().double().cpu()
+    err = float(torch.nan_to_num((a - r).abs(), nan=math.inf).max())
+    scale = max(float(r.abs().max()), 1e-3)
+    return err, err / (rel * scale)
+
+
+class Row:
+    """One check's result: the largest error of each compared quantity and its tolerance."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+        self.errors: dict[str, float] = {}
+        self.ratios: dict[str, float] = {}
+        self.tolerances: dict[str, str] = {}
+        self.notes: list[str] = []
+
+    def compare(self, what: str, actual, ref, atol: float, rtol: float) -> None:
+        err, ratio = excess(actual, ref, atol, rtol)
+        self._add(what, err, ratio, f"{atol:g} + {rtol:g}·abs(ref)")
+
+    def compare_relative(self, what: str, actual, ref, rel: float) -> None:
+        err, ratio = relative_excess(actual, ref, rel)
+        self._add(what, err, ratio, f"{rel:g}·max abs(ref)")
+
+    def compare_matmul(self, what: str, actual, ref, rel: float, abs_product: torch.Tensor, k: int) -> None:
+        """Matmul output against float64: ``rel·max|ref| + K·u·(|A|·|B|)`` elementwise."""
+        a, r = actual.detach().double().cpu(), ref.detach().double().cpu()
+        allowed = rel * max(float(r.abs().max()), 1e-3) + k * FP32_UNIT_ROUNDOFF * abs_product.detach().cpu()
+        diff = torch.nan_to_num((a - r).abs(), nan=math.inf)
+        self._add(what, float(diff.max()), float((diff / allowed).max()), f"{rel:g}·max abs(ref) + K·u·abs(A)·abs(B)")
+
+    def require(self, what: str, ok: bool) -> None:
+        """A property that must hold exactly (zero gradient, NaN where promised...)."""
+        self._add(what, 0.0 if ok else math.inf, 0.0 if ok else math.inf, "exact")
+
+    def _add(self, what, err, ratio, tol):
+        self.errors[what] = max(err, self.errors.get(what, 0.0))
+        self.ratios[what] = max(ratio, self.ratios.get(what, 0.0))
+        self.tolerances[what] = tol
+
+    def result(self) -> dict[str, Any]:
+        worst = max(self.ratios.values(), default=0.0)
+        status = "pass" if worst <= 1.0 else "FAIL"
+        return {**self.spec, "status": status, "worst": worst, "errors": self.errors, "ratios": self.ratios,
+                "tolerances": self.tolerances, "notes": "; ".join(self.notes)}
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def make_labels(batch: int, seq: int, vocab: int, gen: torch.Generator, device: str, high: int | None = None,
+                mask_frac: float = 0.25):
+    """Random labels, a fraction masked at random and, from 3 sequences on, the last one all masked."""
+    labels = torch.randint(0, high or vocab, (batch, seq), generator=gen)
+    labels[torch.rand(batch, seq, generator=gen) < mask_frac] = IGNORE
+    labels[0, 0] = 0  # never an all-masked batch
+    if batch >= 3:
+        labels[-1] = IGNORE
+    return labels.to(device)
+
+
+def make_logits(batch: int, seq: int, vocab: int, dtype: str, gen, device: str) -> torch.Tensor:
+    """[B, T + 1, V] leaf logits of std 2 (the op sees the shifted view [:, :-1])."""
+    return (2.0 * torch.randn(batch, seq + 1, vocab, generator=gen)).to(device, DTYPES[dtype])
+
+
+def reference(logits: torch.Tensor, labels: torch.Tensor, sequence: bool, temperature: float = 1.0):
+    """float64 naive op on the same (rounded) values: (leaf float64 logits, outputs)."""
+    from mallowspo_fast.ops.naive import naive_sequence_logprobs, naive_token_logprobs
+
+    x = logits.detach().double().requires_grad_(True)
+    fn = naive_sequence_logprobs if sequence else naive_token_logprobs
+    return x, fn(x, labels, IGNORE, temperature, compute_dtype=torch.float64)
+
+
+def upstream_loss(outs: tuple, grads: tuple, upstream: str):
+    """Σ g·logps + Σ h·entropy, or one of the two terms only (the single-output backward variants)."""
+    logps, entropy = outs[0], outs[1]
+    g, h = grads
+    terms = {"both": [(logps, g), (entropy, h)], "logp": [(logps, g)], "entropy": [(entropy, h)]}[upstream]
+    return sum((out * w.to(out.dtype)).sum() for out, w in terms)
+
+
+def _inject(spec: dict[str, Any], logps: torch.Tensor, atol: float) -> torch.Tensor:
+    """Self-test of the check (``--inject-error``): shift the log-probs of the selected checks by ten
+    times their tolerance, so that the run must fail loudly."""
+    pattern = spec.get("inject")
+    if pattern and pattern in spec["check"]:
+        return logps + 10 * atol * (1 + logps.detach().abs())
+    return logps
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def check_logits_op(spec: dict[str, Any], device: str) -> dict[str, Any]:
+    """token_logprobs / sequence_logprobs on the shifted view, one upstream combination."""
+    import mallowspo_fast as mpf
+
+    dtype, vocab, sequence = spec["dtype"], spec["vocab"], spec["op"] == "sequence_logprobs"
+    batch, seq = spec["shape"]
+    gen = _generator(spec["seed"])
+    leaf = make_logits(batch, seq, vocab, dtype, gen, device).requires_grad_(True)
+    labels = make_labels(batch, seq, vocab, gen, device)
+    # In place: the op must own its buffer, so it gets a non-leaf copy (the gradient reaches the leaf).
+    logits = (leaf * 1.0)[:, :-1] if spec["inplace"] else leaf[:, :-1]
+    temperature = spec["temperature"]
+    out = getattr(mpf, spec["op"])(logits, labels, temperature=temperature, backend="triton",
+                                   inplace_backward=spec["inplace"])
+    xr, ref = reference(logits, labels, sequence, temperature)
+    row = Row(spec)
+    atol = VALUE_ATOL[dtype]
+    # A per-sequence sum adds up to T token errors.
+    logp_atol = atol * seq if sequence else atol
+    logps = _inject(spec, out.logps, logp_atol)
+    row.compare("logp", logps, ref[0], logp_atol, VALUE_RTOL)
+    row.compare("entropy", out.entropy, ref[1], atol, VALUE_RTOL)
+    if sequence:
+        row.require("num_tokens", torch.equal(out.num_tokens.cpu(), ref[2].cpu()))
+    shape = out.logps.shape
+    grads = (torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device))
+    upstream_loss((logps, out.entropy), grads, spec["upstream"]).backward()
+    upstream_loss(ref, tuple(g.double() for g in grads), spec["upstream"]).backward()
+    row.compare("grad", leaf.grad[:, :-1], xr.grad, GRAD_ATOL[dtype], GRAD_RTOL)
+    row.require("grad dtype", leaf.grad.dtype == leaf.dtype)
+    row.require("zero grad off the view", bool((leaf.grad[:, -1] == 0).all()))
+    return row.result()
+
+
+def _chunked_rounded_logits(hidden, weight, labels, chunk_size: int) -> torch.Tensor:
+    """The logits the memory mode sees, computed exactly as it computes them (same rows, same chunk
+    shapes, same matmul), so that the reference carries the same rounding; masked rows stay 0."""
+    flat_h = hidden.detach().reshape(-1, hidden.shape[-1])
+    rows = (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
+    out = torch.zeros(flat_h.shape[0], weight.shape[0], dtype=torch.float64, device=hidden.device)
+    for start in range(0, rows.numel(), chunk_size):
+        idx = rows[start:start + chunk_size]
+        out[idx] = torch.mm(flat_h[idx], weight.detach().t()).double()
+    return out.view(*hidden.shape[:-1], weight.shape[0])
+
+
+def check_memory_mode(spec: dict[str, Any], device: str) -> dict[str, Any]:
+    """linear_token_logprobs / linear_sequence_logprobs over several chunks against float64 on the
+    logits the op computes (straight-through for the gradients of hidden and weight)."""
+    import torch.nn.functional as F
+
+    import mallowspo_fast as mpf
+    from mallowspo_fast.ops.naive import naive_sequence_logprobs, naive_token_logprobs
+
+    dtype, vocab, sequence = spec["dtype"], spec["vocab"], spec["op"] == "linear_sequence_logprobs"
+    batch, seq = spec["shape"]
+    dim, chunk = spec["hidden"], spec["chunk_size"]
+    gen = _generator(spec["seed"])
+    hidden = torch.randn(batch, seq, dim, generator=gen).to(device, DTYPES[dtype]).requires_grad_(True)
+    weight = (torch.randn(vocab, dim, generator=gen) * 2 * dim**-0.5).to(device, DTYPES[dtype])
+    weight.requires_grad_(True)
+    labels = make_labels(batch, seq, vocab, gen, device)
+    out = getattr(mpf, spec["op"])(hidden, weight, labels, chunk_size=chunk, backend="triton")
+    h64 = hidden.detach().double().requires_grad_(True)
+    w64 = weight.detach().double().requires_grad_(True)
+    exact = F.linear(h64, w64)
+    logits = exact + (_chunked_rounded_logits(hidden, weight, labels, chunk) - exact).detach()
+    logits.retain_grad()
+    fn = naive_sequence_logprobs if sequence else naive_token_logprobs
+    ref = fn(logits, labels, IGNORE, 1.0, compute_dtype=torch.float64)
+    row = Row(spec)
+    atol = VALUE_ATOL[dtype] * (seq if sequence else 1)
+    logps = _inject(spec, out.logps, atol)
+    row.compare("logp", logps, ref[0], atol, VALUE_RTOL)
+    row.compare("entropy", out.entropy, ref[1], VALUE_ATOL[dtype], VALUE_RTOL)
+    shape = out.logps.shape
+    grads = (torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device))
+    upstream_loss((logps, out.entropy), grads, spec["upstream"]).backward()
+    upstream_loss(ref, tuple(g.double() for g in grads), spec["upstream"]).backward()
+    # |dL/dlogits| (float64 reference) times |weight| / |hidden|: the scale of each product's rounding.
+    dz = logits.grad.detach().abs().reshape(-1, vocab)
+    h_abs, w_abs = h64.detach().abs().reshape(-1, dim), w64.detach().abs()
+    rows = int((labels != IGNORE).sum())
+    row.compare_matmul("grad hidden", hidden.grad, h64.grad, LINEAR_GRAD_REL[dtype],
+                       (dz @ w_abs).view(hidden.shape), vocab)
+    row.compare_matmul("grad weight", weight.grad, w64.grad, LINEAR_GRAD_REL[dtype], dz.t() @ h_abs, rows)
+    row.require("grad dtype", hidden.grad.dtype == weight.grad.dtype == hidden.dtype)
+    return row.result()
+
+
+def check_neg_inf(spec: dict[str, Any], device: str) -> dict[str, Any]:
+    """A padded vocabulary (last V/16 columns at -inf) and a row whose first third is -inf."""
+    import mallowspo_fast as mpf
+
+    dtype, vocab = spec["dtype"], spec["vocab"]
+    batch, seq = spec["shape"]
+    gen = _generator(spec["seed"])
+    pad = max(1, vocab // 16)
+    base = make_logits(batch, seq, vocab, dtype, gen, device)
+    base[..., vocab - pad:] = float("-inf")
+    base[0, 1, : vocab // 3] = float("-inf")
+    leaf = base.requires_grad_(True)
+    labels = make_labels(batch, seq, vocab, gen, device, high=vocab - pad)
+    if labels[0, 1] != IGNORE:  # that row's label must be a finite logit
+        labels[0, 1] = vocab - pad - 1
+    out = mpf.token_logprobs(leaf[:, :-1], labels, backend="triton")
+    xr, ref = reference(leaf[:, :-1], labels, False)
+    row = Row(spec)
+    logps = _inject(spec, out.logps, VALUE_ATOL[dtype])
+    row.compare("logp", logps, ref[0], VALUE_ATOL[dtype], VALUE_RTOL)
+    row.compare("entropy", out.entropy, ref[1], VALUE_ATOL[dtype], VALUE_RTOL)
+    grads = (torch.randn(labels.shape, generator=gen).to(device), torch.randn(labels.shape, generator=gen).to(device))
+    upstream_loss((logps, out.entropy), grads, "both").backward()
+    upstream_loss(ref, tuple(g.double() for g in grads), "both").backward()
+    row.compare("grad", leaf.grad[:, :-1], xr.grad, GRAD_ATOL[dtype], GRAD_RTOL)
+    row.require("finite", bool(torch.isfinite(leaf.grad).all() and torch.isfinite(out.entropy).all()))
+    row.require("zero grad on -inf", bool((leaf.grad[..., vocab - pad:] == 0).all()))
+    return row.result()
+
+
+def check_out_of_range(spec: dict[str, Any], device: str) -> dict[str, Any]:
+    """Labels outside [0, V) that are not ignore_index: NaN log-prob for those tokens, the other
+    tokens exact, a finite gradient, no device fault."""
+    import mallowspo_fast as mpf
+    from mallowspo_fast.ops.triton_path import triton_token_logprobs
+
+    dtype, vocab = spec["dtype"], spec["vocab"]
+    batch, seq = spec["shape"]
+    gen = _generator(spec["seed"])
+    leaf = make_logits(batch, seq, vocab, dtype, gen, device).requires_grad_(True)
+    labels = make_labels(batch, seq, vocab, gen, device)
+    bad = torch.zeros_like(labels, dtype=torch.bool)
+    for (b, t), value in zip(((0, 0), (0, seq - 1), (1 % batch, 0)), (vocab, -1, vocab + 7)):
+        labels[b, t] = value
+        bad[b, t] = True
+    row = Row(spec)
+    logits = leaf[:, :-1]
+    if device == "cuda":
+        out = mpf.token_logprobs(logits, labels, backend="triton")
+    else:
+        # On CPU the public op checks the labels (free there) and raises; the kernels' own behaviour,
+        # the one CUDA relies on, is reached through the launcher the op dispatches to.
+        try:
+            mpf.token_logprobs(logits, labels, backend="triton")
+            raised = False
+        except ValueError:
+            raised = True
+        row.require("ValueError on CPU", raised)
+        row.notes.append("CPU: the public op raises ValueError by contract; kernels called via their launcher")
+        out = mpf.TokenLogprobs(*triton_token_logprobs(logits, labels, IGNORE, 1.0))
+    good_labels = labels.masked_fill(bad, IGNORE)
+    xr, ref = reference(logits, good_labels, False)
+    good = ~bad & (labels != IGNORE)
+    row.require("NaN for out-of-range", bool(torch.isnan(out.logps[bad]).all()))
+    logps = _inject(spec, out.logps, VALUE_ATOL[dtype])
+    row.compare("logp", logps[good], ref[0][good], VALUE_ATOL[dtype], VALUE_RTOL)
+    row.compare("entropy", out.entropy[good], ref[1][good], VALUE_ATOL[dtype], VALUE_RTOL)
+    row.require("finite entropy", bool(torch.isfinite(out.entropy).all()))
+    g = torch.randn(labels.shape, generator=gen).to(device)
+    (torch.nan_to_num(logps, nan=0.0) * g * good).sum().backward()
+    (ref[0] * (g * good).double()).sum().backward()
+    if device == "cuda":
+        torch.cuda.synchronize()  # a fault in either kernel surfaces here
+    row.require("finite grad", bool(torch.isfinite(leaf.grad).all()))
+    row.compare("grad", leaf.grad[:, :-1][good], xr.grad[good], GRAD_ATOL[dtype], GRAD_RTOL)
+    return row.result()
+
+
+def check_reduce_blocks(spec: dict[str, Any], device: str) -> dict[str, Any]:
+    """sequence_logprobs at lengths that select every BLOCK_T of the per-sequence reduction."""
+    import mallowspo_fast as mpf
+
+    row = Row(spec)
+    gen = _generator(spec["seed"])
+    vocab, batch = spec["vocab"], spec["shape"][0]
+    for seq in spec["seqs"]:
+        logits = make_logits(batch, seq, vocab, spec["dtype"], gen, device)[:, :-1]
+        # Mostly masked: the reduction reads every label either way, the forward skips masked rows.
+        labels = make_labels(batch, seq, vocab, gen, device, mask_frac=spec.get("mask_frac", 0.25))
+        out = mpf.sequence_logprobs(logits, labels, backend="triton")
+        _, ref = reference(logits, labels, True)
+        atol = VALUE_ATOL[spec["dtype"]]
+        row.compare("logp", _inject(spec, out.logps, atol * seq), ref[0], atol * seq, VALUE_RTOL)
+        row.compare("entropy", out.entropy, ref[1], atol, VALUE_RTOL)
+        row.require("num_tokens", torch.equal(out.num_tokens.cpu(), ref[2].cpu()))
+    return row.result()
+
+
+def check_large_offsets(spec: dict[str, Any], device: str) -> dict[str, Any]:
+    """[rows, V] logits with rows·V beyond 2³¹ elements (on CUDA): sampled rows, including the two
+    around the 2³¹-element boundary and the last ones, against float64."""
+    import mallowspo_fast as mpf
+    from mallowspo_fast.ops.naive import naive_token_logprobs
+
+    rows, vocab, dtype = spec["rows"], spec["vocab"], spec["dtype"]
+    gen = torch.Generator(device=device).manual_seed(spec["seed"])
+    leaf = torch.randn(1, rows, vocab, generator=gen, device=device, dtype=DTYPES[dtype]).requires_grad_(True)
+    labels = torch.randint(0, vocab, (1, rows), generator=gen, device=device)
+    labels[:, ::4] = IGNORE
+    out = mpf.token_logprobs(leaf, labels, backend="triton")
+    g = torch.randn(1, rows, generator=gen, device=device)
+    h = torch.randn(1, rows, generator=gen, device=device)
+    logps = _inject(spec, out.logps, VALUE_ATOL[dtype])
+    ((logps * g).sum() + (out.entropy * h).sum()).backward()
+    boundary = (2**31) // vocab
+    sample = sorted({0, 1, 2, 3, min(boundary, rows - 2), min(boundary + 1, rows - 1), rows - 2, rows - 1})
+    idx = torch.tensor(sample, device=device)
+    x = leaf.detach()[0, idx].double().requires_grad_(True)
+    ref = naive_token_logprobs(x, labels[0, idx], IGNORE, 1.0, compute_dtype=torch.float64)
+    ((ref[0] * g[0, idx].double()).sum() + (ref[1] * h[0, idx].double()).sum()).backward()
+    row = Row(spec)
+    row.compare("logp", logps[0, idx], ref[0], VALUE_ATOL[dtype], VALUE_RTOL)
+    row.compare("entropy", out.entropy[0, idx], ref[1], VALUE_ATOL[dtype], VALUE_RTOL)
+    row.compare("grad", leaf.grad[0, idx], x.grad, GRAD_ATOL[dtype], GRAD_RTOL)
+    if rows * vocab <= 2**31:
+        row.notes.append(f"rows·V = {rows * vocab:,} stays below 2³¹ (tiny dry-run shape)")
+    return row.result()
+
+
+def check_no_labels(spec: dict[str, Any], device: str) -> dict[str, Any]:
+    """token_entropy (and token_logprobs(logits, None), its other name): entropy and logsumexp of every
+    position of the shifted view, upstream grads on both, on lse only or on the entropies only."""
+    import mallowspo_fast as mpf
+    from mallowspo_fast.ops.naive import naive_token_entropy
+
+    dtype, vocab = spec["dtype"], spec["vocab"]
+    batch, seq = spec["shape"]
+    gen = _generator(spec["seed"])
+    leaf = make_logits(batch, seq, vocab, dtype, gen, device).requires_grad_(True)
+    logits = (leaf * 1.0)[:, :-1] if spec["inplace"] else leaf[:, :-1]
+    temperature = spec["temperature"]
+    kwargs = {"temperature": temperature, "backend": "triton", "inplace_backward": spec["inplace"]}
+    if spec["op"] == "token_entropy":
+        out = mpf.token_entropy(logits, **kwargs)
+    else:
+        out = mpf.token_logprobs(logits, None, **kwargs)
+    x = logits.detach().double().requires_grad_(True)
+    ref = naive_token_entropy(x, temperature, compute_dtype=torch.float64)
+    row = Row(spec)
+    atol = VALUE_ATOL[dtype]
+    entropy = _inject(spec, out.entropy, atol)
+    row.compare("entropy", entropy, ref[0], atol, VALUE_RTOL)
+    row.compare("lse", out.lse, ref[1], atol, VALUE_RTOL)
+    grads = tuple(torch.randn(entropy.shape, generator=gen).to(device) for _ in range(2))
+    # upstream_loss weighs (first, second) output as (logp, entropy): here (entropy, lse).
+    upstream = {"both": "both", "entropy": "logp", "lse": "entropy"}[spec["upstream"]]
+    upstream_loss((entropy, out.lse), grads, upstream).backward()
+    upstream_loss(ref, tuple(g.double() for g in grads), upstream).backward()
+    row.compare("grad", leaf.grad[:, :-1], x.grad, GRAD_ATOL[dtype] * NO_LABELS_GRAD_FACTOR, GRAD_RTOL)
+    row.require("zero grad off the view", bool((leaf.grad[:, -1] == 0).all()))
+    return row.result()
+
+
+CHECKS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
+    "values": check_logits_op,
+    "memory mode": check_memory_mode,
+    "-inf logits": check_neg_inf,
+    "out-of-range labels": check_out_of_range,
+    "reduce blocks": check_reduce_blocks,
+    "offsets > 2^31": check_large_offsets,
+    "no labels": check_no_labels,
+}
