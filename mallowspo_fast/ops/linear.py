@@ -16,6 +16,9 @@ not repeated here: the chunk statistics and gradients come from the torch path h
 
 from __future__ import annotations
 
+import math
+from math import inf
+
 import torch
 import torch.nn.functional as F
 
@@ -206,9 +209,12 @@ def _validate(hidden, weight, labels, bias, temperature, chunk_size, where: str)
     for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{where}: hidden on {hidden.device} but {name} on {t.device}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"{where}: temperature must be a positive number, got {temperature!r}")
-    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+    if weight.shape[0] == 0:
+        raise ValueError(f"{where}: weight {tuple(weight.shape)} has an empty vocabulary dimension (V = 0)")
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and 0 < temperature < inf):
+        raise ValueError(f"{where}: temperature must be a positive finite number, got {temperature!r}")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
+                                       and chunk_size > 0):
         raise ValueError(f"{where}: chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
@@ -270,8 +276,9 @@ def linear_token_logprobs(
     if hidden.dim() == 2:
         hidden3d, labels2d = hidden.unsqueeze(0), labels.reshape(1, -1)
     else:
-        hidden3d = hidden.reshape(-1, *hidden.shape[-2:])
-        labels2d = labels.reshape(-1, labels.shape[-1])
+        rows3d = math.prod(hidden.shape[:-2])  # explicit: reshape(-1, 0, H) is ambiguous
+        hidden3d = hidden.reshape(rows3d, *hidden.shape[-2:])
+        labels2d = labels.reshape(rows3d, labels.shape[-1])
     rows = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
     logps, entropy = LinearTokenLogprobsFunction.apply(
         hidden3d, weight, bias, labels2d, int(ignore_index), float(temperature), int(rows), be

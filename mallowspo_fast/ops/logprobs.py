@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from math import inf
 from typing import NamedTuple
@@ -63,7 +64,7 @@ def _validate(logits: torch.Tensor, labels: torch.Tensor | None, temperature: fl
         if logits.dim() < 1 or logits.shape[-1] == 0:
             raise ValueError(f"{where}: expected logits [..., V] with V >= 1, got shape {tuple(logits.shape)}")
         if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and 0 < temperature < inf):
-            raise ValueError(f"{where}: temperature must be a finite positive number, got {temperature!r}")
+            raise ValueError(f"{where}: temperature must be a positive finite number, got {temperature!r}")
         return
     if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError(f"{where}: logits and labels must be tensors, got {type(logits)} and {type(labels)}")
@@ -79,7 +80,7 @@ def _validate(logits: torch.Tensor, labels: torch.Tensor | None, temperature: fl
     if logits.device != labels.device:
         raise ValueError(f"{where}: logits on {logits.device} but labels on {labels.device}")
     if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and 0 < temperature < inf):
-        raise ValueError(f"{where}: temperature must be a finite positive number, got {temperature!r}")
+        raise ValueError(f"{where}: temperature must be a positive finite number, got {temperature!r}")
     if logits.shape[-1] == 0:
         raise ValueError(f"{where}: logits {tuple(logits.shape)} have an empty vocabulary dimension (V = 0)")
 
@@ -282,5 +283,5 @@ def _as_3d(logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Ten
     elif logits.dim() == 3:
         out = logits
     else:  # [..., T, V] with more leading dims: merge them (a copy only if they are not mergeable).
-        out = logits.reshape(-1, *logits.shape[-2:])
+        out = logits.reshape(math.prod(logits.shape[:-2]), *logits.shape[-2:])  # -1 is ambiguous with a 0 dim
     return out, None if labels is None else labels.reshape(out.shape[:2])

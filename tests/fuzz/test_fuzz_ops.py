@@ -71,6 +71,7 @@ def op_case(draw, backends=("torch", "reference"), max_v=40, nonfinite=False):
     layout = draw(st.sampled_from(LAYOUTS))
     return {
         "values": values, "labels": labels, "layout": layout, "ignore_index": ignore_index,
+        "rank": draw(st.sampled_from([3, 3, 4, 2])),
         "temperature": draw(st.sampled_from([1.0, 0.3, 2.5])), "backend": draw(st.sampled_from(backends)),
         "sequence": draw(st.booleans()), "inplace": layout != "expanded" and draw(st.booleans()),
         "poisoned": poisoned, "seed": seed,
@@ -87,6 +88,9 @@ def _run(case):
     labels = case["labels"]
     x = case["values"].detach().double().requires_grad_(True)
     xv = _layout(x, case["layout"])  # the same view of the float64 values (expanded: row 0 everywhere)
+    if not case["sequence"] and case["rank"] != 3:  # [1, B, T, V] or [B*T, V] inputs of token_logprobs
+        reshape = (lambda t: t.unsqueeze(0)) if case["rank"] == 4 else (lambda t: t.flatten(0, 1))
+        logits, xv, labels = reshape(logits), reshape(xv), reshape(labels)
     if case["sequence"]:
         out = sequence_logprobs(logits, labels, inplace_backward=case["inplace"], **kwargs)
         ref = naive_sequence_logprobs(xv, labels, case["ignore_index"], case["temperature"], torch.float64)
@@ -96,6 +100,8 @@ def _run(case):
         out = token_logprobs(logits, labels, inplace_backward=case["inplace"], **kwargs)
         outs = (out.logps, out.entropy)
         refs = naive_token_logprobs(xv, labels, case["ignore_index"], case["temperature"], torch.float64)
+    if not case["sequence"]:
+        outs, refs = [o.reshape(case["labels"].shape) for o in outs], [r.reshape(case["labels"].shape) for r in refs]
     g = torch.Generator().manual_seed(case["seed"] + 1)
     ups = [torch.randn(o.shape, generator=g) for o in outs]
     if outs[0].numel():
