@@ -184,6 +184,12 @@ def _linear_default(flag: str, cuda: bool) -> list[float]:
     return [float(x) for x in m.group(1 if cuda else 2).split(",")]
 
 
+def _gpu_check_budget_s() -> float:
+    from benchmarks.gpu_check.run import DEFAULT_BUDGET_S
+
+    return DEFAULT_BUDGET_S
+
+
 def _bandit_cfg(key: str):
     return summary("bandit")["config"][key]
 
@@ -248,6 +254,8 @@ CLAIMS: list[tuple[str, str, Callable[[], list[float]]]] = [
      "pass; on CPU it is N = {}, H = {}, V = {}, fp32",
      lambda: [*_linear_default("n", True), *_linear_default("hidden", True), *_linear_default("vocab", True),
               *_linear_default("n", False), *_linear_default("hidden", False), *_linear_default("vocab", False)]),
+    ("README.md", "then the sweeps ({} min)", lambda: [_gpu_check_budget_s() / 60]),
+    ("README.md", "kernel correctness, then the figures, in {} minutes", lambda: [_gpu_check_budget_s() / 60]),
     # Training page (demo)
     ("docs/training.md", "the {} demo runs of the tiny-LM experiment took {}–{} s each",
      lambda: [len(tiny_runs()), min(_tiny_seconds()), max(_tiny_seconds())]),
