@@ -14,10 +14,10 @@ Real run (CUDA):
   against the 80 % / 75 % targets), and forward + backward of every provider (ours, the eager
   reference, torch.compile of it, TRL, Liger) at the first shape;
 * memory-mode sweep: the README's GPU sweep, N = 8192, H = 4096, V in {32000, 128256, 151936}, bf16:
-  the memory mode in every pass and forward + backward of the logits path at each V, forward + backward
-  of the peers at V = 128256.
+  forward + backward of the memory mode and of the logits path at each V, of the peers at V = 128256.
 
-``--full`` makes the comparison at every shape (every provider in forward + backward everywhere).
+``--full`` makes the comparison at every shape (every provider in forward + backward everywhere) and
+adds the memory mode's forward and backward alone at each V.
 
 Estimates are rough models (process start, compilation, input creation, the timed calls at a
 conservative bandwidth or FLOP rate); they order the cases and let the budget skip those that cannot
@@ -34,6 +34,7 @@ from ..providers import LINEAR_PROVIDERS, PROVIDERS, availability, linear_availa
 from .budget import PlanCase
 
 ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+COMPARE_PASS = "fwdbwd"
 
 
 @dataclass
@@ -58,19 +59,21 @@ class Settings:
     linear_passes: tuple = linear_subject.PASSES
     linear_providers: tuple = LINEAR_PROVIDERS
     linear_compare_vocabs: tuple | None = None
+    linear_chunked_passes: tuple = (COMPARE_PASS,)  # the memory mode's own passes at every V
     linear_warmup: int = 5
     linear_repeats: int = 20
     # Cost model of the estimates (seconds; bytes/s; FLOP/s).
-    correctness_s: float = 90.0
+    # The correctness group compiles every variant on first use (about a hundred JIT compilations on a
+    # machine with a cold Triton cache) before its ~300 checks.
+    correctness_s: float = 150.0
     large_s: float = 25.0
     startup_s: float = 6.0
     setup_s: dict = field(default_factory=lambda: {"compiled": 30.0, "trl": 4.0, "liger": 4.0, "reference": 0.0})
-    input_elements_per_s: float = 2e8  # benchmarks.op draws the [N, V] logits on the host
+    # benchmarks.op draws the [N, V] logits with a host generator (one thread: ~1e8 normal samples/s)
+    # before moving them to the device: the largest share of an op case at the README shapes.
+    input_elements_per_s: float = 1e8
     bandwidth: float = 2e12
     flop_rate: float = 3e14
-
-
-COMPARE_PASS = "fwdbwd"
 
 
 def real_settings(device: str = "cuda", full: bool = False) -> Settings:
@@ -79,6 +82,7 @@ def real_settings(device: str = "cuda", full: bool = False) -> Settings:
         device=device, dry_run=False,
         op_compare_shapes=None if full else ((8192, 128256),),
         linear_compare_vocabs=None if full else (128256,),
+        linear_chunked_passes=linear_subject.PASSES if full else (COMPARE_PASS,),
         correctness={"dtypes": ["fp32", "bf16", "fp16"], "vocabs": [1000, 32000, 128256, 151936], "shape": [3, 8],
                      "hidden": 64, "chunk_size": 8, "reduce_seqs": [16, 17, 40, 100, 200, 300, 600, 3000],
                      "reduce_vocab": 1000, "reduce_batch": 2},
@@ -183,7 +187,7 @@ def build_plan(s: Settings, parts: tuple[str, ...] = ("correctness", "op", "line
         for pass_ in s.linear_passes:
             for vocab in s.linear_vocabs:
                 for provider in s.linear_providers:
-                    mode = {"ours-chunked": linear_subject.PASSES, "ours-logits": (COMPARE_PASS,)}
+                    mode = {"ours-chunked": s.linear_chunked_passes, "ours-logits": (COMPARE_PASS,)}
                     if not wanted(provider, vocab, s.linear_compare_vocabs, pass_, mode):
                         continue
                     name = f"linear {pass_} N={s.linear_n} H={s.linear_hidden} V={vocab} {s.linear_dtype} {provider}"

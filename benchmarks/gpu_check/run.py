@@ -138,7 +138,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parts", nargs="+", choices=("correctness", "op", "linear"),
                    default=["correctness", "op", "linear"], help="what to run (default: everything)")
     p.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="correctness: only these logits dtypes (default: all three)")
+                   help="correctness: only these logits dtypes (default: all three; the large-offset check is "
+                        "bf16)")
     p.add_argument("--inject-error", metavar="CHECK", default=None,
                    help="self-test: shift the results of the checks whose name contains CHECK by 10x their "
                         "tolerance; the run must then fail loudly (exit 1)")
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = plan.dry_settings() if args.dry_run else plan.real_settings(full=args.full)
     if args.dtypes:
         settings.correctness = {**settings.correctness, "dtypes": list(args.dtypes)}
+        if settings.large and settings.large[0] not in args.dtypes:
+            settings.large = None
     cases = plan.build_plan(settings, tuple(args.parts), inject=args.inject_error)
     budget = Budget(args.budget_s)
     command = "python -m benchmarks.gpu_check " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None

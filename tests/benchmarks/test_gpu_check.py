@@ -151,8 +151,13 @@ def test_real_plan_covers_the_readme_gpu_shapes():
     assert {s["provider"] for s in op_specs if s["pass"] == "fwdbwd"} == set(op.PROVIDERS)
     lin = [s for s in specs if s["subject"] == "linear"]
     assert {(s["n"], s["hidden"], s["vocab"]) for s in lin} == {(8192, 4096, v) for v in (32000, 128256, 151936)}
-    assert {s["pass"] for s in lin if s["provider"] == "ours-chunked"} == set(linear.PASSES)
     assert {s["provider"] for s in lin if s["pass"] == "fwdbwd"} == set(linear.PROVIDERS)
+    assert {(s["provider"], s["vocab"]) for s in lin if s["provider"].startswith("ours")} == {
+        (p, v) for p in ("ours-chunked", "ours-logits") for v in (32000, 128256, 151936)}
+    full = [c.payload["spec"] for c in plan.build_plan(plan.real_settings(full=True)) if c.part != "correctness"]
+    assert {(s["subject"], s["pass"], s["provider"]) for s in full} >= {
+        ("linear", p, "ours-chunked") for p in linear.PASSES} | {("op", "fwdbwd", p) for p in op.PROVIDERS}
+    assert {(s["n"], s["vocab"]) for s in full if s["provider"] == "compiled" and s["subject"] == "op"} == shapes
     large = cases[1].payload["group"]["large"]
     assert large[1] * large[2] > 2**31
 
