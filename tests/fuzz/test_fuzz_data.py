@@ -302,3 +302,47 @@ def test_unreadable_json_line_names_the_file(tmp_path: Path, line: str) -> None:
     path.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n" + line + "\n")
     with pytest.raises(ValueError, match="broken.jsonl"):
         data.load_preference_data(str(path))
+
+
+def check_truncation(fuzz_tokenizer, case, max_length, max_prompt_length, mode):
+    """Truncated ids are a window of the untruncated ones, within the limits; dropped rows are counted."""
+    fmt, cases = case
+    paired = fmt in PAIRED
+    rows = [c.row for c in cases if c.expected is not None]
+    ds = (data.load_preference_data if paired else data.load_unpaired_data)(rows)
+    tokenise = data.tokenize_preference_data if paired else data.tokenize_unpaired_data
+    full = tokenise(ds, fuzz_tokenizer, max_length=None)
+    try:
+        cut = tokenise(ds, fuzz_tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                       truncation_mode=mode)
+    except ValueError as err:  # every row dropped (its prompt alone fills max_length) or a bad limit
+        assert "max_length" in str(err) or "max_prompt_length" in str(err), err
+        return
+    keys = ("chosen_ids", "rejected_ids") if paired else ("completion_ids",)
+    by_row = {i: r for i, r in enumerate(full)}
+    kept = list(cut)
+    assert len(kept) <= len(by_row)
+    # rows keep their order; pair each kept row with its source row by the prompt window
+    j = 0
+    for row in kept:
+        while True:
+            src = by_row[j]
+            j += 1
+            p, q = src["prompt_ids"], row["prompt_ids"]
+            window = p[: len(q)] == q if mode == "keep_start" else p[len(p) - len(q):] == q
+            if window and all(src[k][: len(row[k])] == row[k] for k in keys):
+                break
+        assert q, "an empty prompt survived truncation"
+        if max_prompt_length is not None:
+            assert len(q) <= max_prompt_length
+        if max_length is not None:
+            assert all(len(q) + len(row[k]) <= max_length for k in keys)
+
+
+test_truncation, test_truncation_slow = fuzz_pair(
+    case=dataset_case(PAIRED + UNPAIRED),
+    max_length=st.none() | st.integers(2, 40),
+    max_prompt_length=st.none() | st.integers(1, 30),
+    mode=st.sampled_from(["keep_start", "keep_end"]),
+    scale=0.5,
+)(check_truncation)
