@@ -38,21 +38,25 @@ class Skipped:
 
 
 class Budget:
-    """Wall-time budget in seconds from construction; ``clock`` is injectable for tests."""
+    """Wall-time budget in seconds from ``start`` (default: now) on ``clock`` (injectable for tests);
+    ``reserve_s`` of it is kept for writing the results after the last case."""
 
-    def __init__(self, total_s: float, clock: Callable[[], float] = time.monotonic):
-        if not total_s >= 0:
-            raise ValueError(f"Budget: total_s must be a number >= 0, got {total_s!r}")
+    def __init__(self, total_s: float, clock: Callable[[], float] = time.monotonic, start: float | None = None,
+                 reserve_s: float = 0.0):
+        if not total_s >= 0 or not reserve_s >= 0:
+            raise ValueError(f"Budget: total_s and reserve_s must be numbers >= 0, got {total_s!r}, {reserve_s!r}")
         self.total_s = float(total_s)
+        self.reserve_s = float(reserve_s)
         self.clock = clock
-        self.start = clock()
+        self.start = clock() if start is None else start
         self._ratio: dict[str, list[float]] = {}
 
     def elapsed(self) -> float:
         return self.clock() - self.start
 
     def remaining(self) -> float:
-        return max(0.0, self.total_s - self.elapsed())
+        """Seconds left for cases (the reserve excluded)."""
+        return max(0.0, self.total_s - self.reserve_s - self.elapsed())
 
     def estimate(self, case: PlanCase) -> float:
         """The case's estimate scaled by measured / estimated time of the cases of its kind so far."""

@@ -130,7 +130,7 @@ def targets_table(op_results: list[Result], device_name: str) -> str:
 
 def write_results(out_dir: str, facts: dict[str, str], command: str, correctness: list[dict[str, Any]],
                   sweeps: dict[str, list[Result]], skipped: list[Skipped], spent: dict[str, float],
-                  budget_s: float, dry_run: bool) -> str:
+                  budget_s: float, dry_run: bool, elapsed: float | None = None) -> str:
     """Write the folder's files; return the markdown of results.md."""
     os.makedirs(out_dir, exist_ok=True)
     failures = correctness_failures(correctness)
@@ -139,9 +139,9 @@ def write_results(out_dir: str, facts: dict[str, str], command: str, correctness
         parts += ["**Dry run on CPU** (tiny shapes, Triton kernels under the interpreter): it checks that the "
                   "plan runs end to end; no figure below is a GPU measurement.", ""]
     parts += [f"- {k}: {v}" for k, v in facts.items()]
-    total = sum(spent.values())
+    total = sum(spent.values()) if elapsed is None else elapsed
     parts += [f"- command: `{command}`",
-              f"- time: {total:.0f} s of a {budget_s:.0f} s budget ("
+              f"- time: {total:.0f} s of a {budget_s:.0f} s budget before writing this folder ("
               + ", ".join(f"{k} {v:.0f} s" for k, v in spent.items()) + f"); {len(skipped)} case(s) skipped", ""]
     verdict = f"**FAILED: {len(failures)} of {len(correctness)} checks**" if failures else (
         f"passed: {len(correctness)} checks" if correctness else "not run")

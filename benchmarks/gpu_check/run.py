@@ -27,6 +27,8 @@ from .checks import MARKER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_BUDGET_S = 480.0
+# Kept out of the cases' time for writing the results folder (tables, CSVs, plots) at the end.
+RESULTS_RESERVE_S = 20.0
 # Seconds before the deadline at which a correctness group stops starting checks (the check in flight
 # finishes before the hard stop).
 GROUP_MARGIN_S = 15.0
@@ -41,7 +43,8 @@ Install on a bare CUDA machine (Python 3.11), then run, in one command:
 
 Order: correctness (every dtype and V in one process, then the beyond-2^31 offsets check), then the
 sweep cases by estimated cost, heaviest last. A case starts only when the time left covers its
-estimate; the others are listed as skipped with the reason. Default budget: {DEFAULT_BUDGET_S:.0f} s.
+estimate; the others are listed as skipped with the reason. Default budget: {DEFAULT_BUDGET_S:.0f} s
+for everything, start-up and the results folder included.
 Results: <out>/<gpu-slug>_<YYYY-MM-DD>/ (results.md, CSVs, PNGs); the default out of a real run is
 docs/results/benchmarks, ready for `git add`. Exit code 1 when a correctness check fails."""
 
@@ -149,7 +152,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """``started``: ``time.monotonic()`` when the process began (the budget counts from there)."""
     args = parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device found (torch.cuda.is_available() is False); run it on a CUDA machine "
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if settings.large and settings.large[0] not in args.dtypes:
             settings.large = None
     cases = plan.build_plan(settings, tuple(args.parts), inject=args.inject_error)
-    budget = Budget(args.budget_s)
+    budget = Budget(args.budget_s, start=started, reserve_s=min(RESULTS_RESERVE_S, args.budget_s / 10))
     command = "python -m benchmarks.gpu_check " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
                                                                                      else argv))
     log(f"gpu_check: {len(cases)} cases, budget {args.budget_s:.0f} s" + (" (dry run on CPU)" if args.dry_run else ""))
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     out_root = args.out or os.path.join(ROOT, "bench_results" if args.dry_run else "docs/results/benchmarks")
     folder = os.path.join(out_root, results.folder_name(name.split(" (")[0], args.dry_run))
     text = results.write_results(folder, facts, command, checks, sweeps, skipped, spent, args.budget_s,
-                                 args.dry_run)
+                                 args.dry_run, elapsed=budget.elapsed())
     print(text)
     log(f"gpu_check: {budget.elapsed():.0f} s; results in {folder}/")
     failures = results.correctness_failures(checks)

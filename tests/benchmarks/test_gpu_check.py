@@ -129,6 +129,8 @@ def test_budget_runs_in_order_calibrates_estimates_and_skips_what_cannot_finish(
     assert budget.remaining() == pytest.approx(0.5)
     clock.now += 1
     assert budget.admit(PlanCase("op", "f", 0)) == "time budget of 10 s exhausted"
+    # Counted from the process start, with a reserve for writing the results.
+    assert Budget(10, clock, start=clock.now - 5, reserve_s=2).remaining() == pytest.approx(3)
 
 
 def test_plans_put_correctness_first_and_the_heaviest_sweeps_last():
