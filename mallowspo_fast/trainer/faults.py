@@ -2,7 +2,8 @@
 
 The tests set ``MALLOWSPO_FAST_FAULT`` to ``<point>@<step>`` or ``<point>@<step>:<rank>`` and the process
 kills itself with SIGKILL when it reaches that point at that optimizer step (on that rank; any rank when no
-rank is given). Without the variable each point is a dictionary lookup and nothing else. Points:
+rank is given), after printing the time to stderr; with ``MALLOWSPO_FAST_FAULT_SIGNAL=SIGSTOP`` it freezes
+instead (a hung rank). Without the variable each point is a dictionary lookup and nothing else. Points:
 
 - ``save:engine_file``: inside DeepSpeed's save, right after its first file was written;
 - ``save:engine_saved``, ``save:rng_saved``, ``save:state_written``, ``save:manifest_written``: between the
@@ -16,8 +17,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 
 FAULT_ENV = "MALLOWSPO_FAST_FAULT"
+SIGNAL_ENV = "MALLOWSPO_FAST_FAULT_SIGNAL"
 SAVE_POINTS = ("save:engine_file", "save:engine_saved", "save:rng_saved", "save:state_written",
                "save:manifest_written", "save:renamed", "save:latest_written")
 STEP_POINTS = ("step:forward",)
@@ -47,4 +51,7 @@ def fault_point(point: str, step: int, rank: int) -> None:
         return
     want, at, on_rank = _parse(spec)
     if want == point and at == step and on_rank in (None, rank):
-        os.kill(os.getpid(), signal.SIGKILL)
+        sig = signal.Signals[os.environ.get(SIGNAL_ENV, "SIGKILL")]
+        print(f"{FAULT_ENV}: {sig.name} at {point}@{step} on rank {rank}, time {time.time():.3f}", file=sys.stderr,
+              flush=True)
+        os.kill(os.getpid(), sig)
