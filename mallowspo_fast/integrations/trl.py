@@ -159,6 +159,9 @@ def install_fused_head(model: torch.nn.Module, *, outputs: tuple[str, ...] = ("l
             labels = shift_labels
         head = self.get_output_embeddings()
         weight, bias = head.weight, getattr(head, "bias", None)
+        if type(weight).__name__ == "DTensor":
+            raise ValueError("install_fused_head: the output weight is a sharded DTensor (FSDP2); the fused op "
+                             "needs the full [V, H] weight, keep TRL's own head under FSDP2")
         hidden = hidden.to(device=weight.device, dtype=weight.dtype)
         labels = labels.to(weight.device)
         mask = labels != IGNORE_INDEX
