@@ -140,9 +140,10 @@ def write_results(out_dir: str, facts: dict[str, str], command: str, correctness
                   "plan runs end to end; no figure below is a GPU measurement.", ""]
     parts += [f"- {k}: {v}" for k, v in facts.items()]
     total = sum(spent.values()) if elapsed is None else elapsed
+    by_part = ", ".join(f"{k} {v:.0f} s" for k, v in spent.items())
     parts += [f"- command: `{command}`",
-              f"- time: {total:.0f} s of a {budget_s:.0f} s budget before writing this folder ("
-              + ", ".join(f"{k} {v:.0f} s" for k, v in spent.items()) + f"); {len(skipped)} case(s) skipped", ""]
+              f"- time: {total:.0f} s of a {budget_s:.0f} s budget before writing this folder"
+              + (f" ({by_part})" if by_part else "") + f"; {len(skipped)} case(s) skipped", ""]
     verdict = f"**FAILED: {len(failures)} of {len(correctness)} checks**" if failures else (
         f"passed: {len(correctness)} checks" if correctness else "not run")
     parts += [f"## Correctness against float64: {verdict}", "",

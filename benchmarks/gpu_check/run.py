@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
                                  args.dry_run, elapsed=budget.elapsed())
     print(text)
     log(f"gpu_check: {budget.elapsed():.0f} s; results in {folder}/")
+    if "correctness" in args.parts and not any(r["status"] in ("pass", "FAIL", "error") for r in checks):
+        log("gpu_check: WARNING: no correctness check ran (see the skipped cases)")
     failures = results.correctness_failures(checks)
     if failures:
         print("\n" + "!" * 100 + f"\nGPU CHECK FAILED: {len(failures)} correctness check(s) exceeded their "
