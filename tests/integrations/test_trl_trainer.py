@@ -2,8 +2,8 @@
 
 - loss type ``sigmoid``: three optimizer steps log the same loss, ``rewards/*`` and ``logps/*`` as unpatched
   TRL (fp32, rel 1e-5), and the fused op really computed them;
-- ``mallows_theta`` / ``mallows_phi``: the trainer's loss on a batch equals our loss functions applied to the
-  same batch, and its parameter gradients match a float64 reference written out here;
+- ``mallows_theta`` / ``mallows_phi`` / ``mallows_ipo``: the trainer's loss on a batch equals our loss
+  functions applied to the same batch, and its parameter gradients match a float64 reference written out here;
 - ``phi_star="auto"``, metric keys, mixed loss lists and the refusals.
 """
 
@@ -106,12 +106,15 @@ def reference_loss64(trainer, batch, loss_type, phi_star):
     margin = trainer.beta * ((pw - rw) - (pl - rl))
     if loss_type == "mallows_theta":
         losses = F.softplus(-c * margin)
+    elif loss_type == "mallows_ipo":  # (c L - 1 / (2 beta))^2
+        losses = (c * margin / trainer.beta - 1 / (2 * trainer.beta)) ** 2
     else:  # mallows_phi: -log g_phi(beta * margin), phi = exp(-c); the link itself is tested against mpmath
         losses = mpf.mallows_phi_link_nll(margin, torch.exp(-c))
     return losses.mean(), policy
 
 
-@pytest.mark.parametrize("family,loss_type", [("llama", "mallows_theta"), ("gpt2", "mallows_phi")])
+@pytest.mark.parametrize("family,loss_type", [("llama", "mallows_theta"), ("gpt2", "mallows_phi"),
+                                              ("llama", "mallows_ipo")])
 def test_mallows_loss_and_gradients(family, loss_type, tmp_path):
     args = dpo_args(tmp_path, MallowsDPOConfig, loss_type=[loss_type], phi_star=0.7, max_steps=1)
     trainer = make_trainer(MallowsDPOTrainer, family, args)
