@@ -1,21 +1,23 @@
 """The correctness checks: each runs one public op on its Triton path and compares it with float64.
 
-What is checked, for each dtype and V of the group (the public ops on their Triton path):
+What is checked, for each dtype and V (the plan is :func:`benchmarks.gpu_check.correctness.group_checks`):
 
 * ``token_logprobs`` / ``sequence_logprobs`` on the shifted view ``logits[:, :-1]`` with masked tokens
   and an all-masked sequence, upstream gradients on both outputs, on the log-probs only and on the
-  entropies only (the three backward variants), temperature 0.7, ``inplace_backward=True``;
+  entropies only (the three backward variants), temperatures 0.7 and 2.5, ``inplace_backward=True``;
 * the memory mode (``linear_token_logprobs`` / ``linear_sequence_logprobs``, several chunks);
+* without labels (``token_entropy`` and ``token_logprobs(logits, None)``): entropy and logsumexp of
+  every row, upstream gradients on both, on the entropies only and on the logsumexp only;
 * -inf logits (a padded vocabulary and a row with a block of -inf): finite values, zero gradient there;
 * out-of-range labels: NaN for those tokens, the others exact, no device fault (on CPU the public op
   raises ``ValueError`` by contract, so the launcher is called directly for the kernel's behaviour);
-* the per-sequence reduction at every block size it can launch (fp32 group);
-* coverage: every variant of the ahead-of-time enumeration (:mod:`mallowspo_fast.ops.aot`) for the
-  group's dtype and V was launched by some check, and nothing outside it was.
+* the per-sequence reduction at every block size it can launch;
+* rows·V beyond 2³¹ elements (int64 offsets), on sampled rows.
 
 Tolerances are those of ``tests/ops`` (a test keeps them equal). A row passes when every element
-satisfies ``|x - ref| <= atol + rtol·|ref|`` (memory-mode parameter gradients: ``<= rel·max|ref|``);
-``worst`` is the largest ratio of the error to that allowance (> 1 fails).
+satisfies ``abs(x - ref) <= atol + rtol·abs(ref)`` (memory-mode parameter gradients:
+``<= rel·max abs(ref) + K·u·(abs(A)·abs(B))``); ``worst`` is the largest ratio of an error to its
+allowance (> 1 fails).
 """
 
 from __future__ import annotations

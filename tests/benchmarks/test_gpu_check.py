@@ -16,6 +16,7 @@ import torch
 from benchmarks import linear, op
 from benchmarks.gpu_check import checks, correctness, plan, results, run
 from benchmarks.gpu_check.budget import Budget, PlanCase, run_plan
+from benchmarks.harness import Result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TODAY = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
@@ -243,3 +244,18 @@ def test_results_folder_is_named_after_the_device_and_the_day():
     day = datetime.date(2026, 12, 4)
     assert results.folder_name("NVIDIA H100 80GB HBM3", False, day) == "nvidia-h100-80gb-hbm3_2026-12-04"
     assert results.folder_name("AMD EPYC", True, day) == "dry-run-amd-epyc_2026-12-04"
+
+
+def test_targets_table_measures_our_passes_against_the_datasheet_peak():
+    """The CUDA-only arithmetic of the targets table, on made-up timings of a known device."""
+    def ours(pass_, ms):
+        spec = {"subject": "op", "device": "cuda", "provider": "ours", "pass": pass_, "n": 8192, "vocab": 128256,
+                "dtype": "bf16"}
+        return Result(spec, "ok", ms, ms, ms, 1, None, None, op.op_bytes(8192, 128256, "bf16", pass_), 8192)
+
+    table = results.targets_table([ours("fwd", 0.70), ours("bwd", 1.80), ours("fwdbwd", 2.0)],
+                                  "NVIDIA H100 80GB HBM3")
+    # Floors at the datasheet 3,350 GB/s: 2.10 GB read in 0.627 ms, read + write in 1.255 ms.
+    assert "| fwd | 8192 | 128256 | bf16 | 0.700 | 0.627 | 90% | 80% | yes |" in table
+    assert "| bwd | 8192 | 128256 | bf16 | 1.800 | 1.255 | 70% | 75% | **no** |" in table
+    assert "| fwdbwd |" not in table
