@@ -259,3 +259,15 @@ def test_targets_table_measures_our_passes_against_the_datasheet_peak():
     assert "| fwd | 8192 | 128256 | bf16 | 0.700 | 0.627 | 90% | 80% | yes |" in table
     assert "| bwd | 8192 | 128256 | bf16 | 1.800 | 1.255 | 70% | 75% | **no** |" in table
     assert "| fwdbwd |" not in table
+
+
+def test_a_sweep_case_of_a_real_run_gets_its_own_process_and_the_time_left_as_its_limit():
+    """The real run's path (the dry run runs its cases in process): a worker process per case, stopped
+    when the budget runs out."""
+    s = plan.dry_settings()
+    case = PlanCase("op", "op fwd tiny", 1.0, {"spec": plan.op_spec(s, "ours", "fwd", 16, 64, "fp32")})
+    r = run.run_sweep_case(case, Budget(120), dry_run=False)
+    assert r.status == "ok" and r.samples == s.op_repeats and r.bytes_moved == op.op_bytes(16, 64, "fp32", "fwd")
+    long = PlanCase("op", "op fwd long", 1.0, {"spec": {**case.payload["spec"], "repeats": 10**6}})
+    late = run.run_sweep_case(long, Budget(0.5, FakeClock()), dry_run=False)  # stopped after 1 s
+    assert late.status == "error" and late.notes == "timed out after 1 s (the time budget)"
