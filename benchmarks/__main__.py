@@ -15,7 +15,8 @@ import sys
 import time
 
 from . import linear, loss_step, op, projection, train_step
-from .harness import default_device, log
+from .floor import floor_markdown
+from .harness import default_device, log, measure_floor_isolated
 from .providers import PROVIDERS
 from .report import write_report
 
@@ -27,7 +28,7 @@ def plan(device: str, quick: bool) -> dict:
     cuda = device.startswith("cuda")
     if quick:
         return {
-            "op": dict(ns=[256], vocabs=[2048], dtypes=["fp32"], warmup=1, repeats=3),
+            "op": dict(ns=[256], vocabs=[2048], dtypes=["fp32"], warmup=1, repeats=3, floor_mib=64),
             "linear": dict(ns=[256], hiddens=[64], vocabs=[2048], dtypes=["fp32"], passes=["fwdbwd"], warmup=1,
                            repeats=3),
             "loss_step": dict(batch=2, seq=64, vocabs=[2048], dtypes=["fp32"], warmup=1, repeats=3),
@@ -49,7 +50,9 @@ def plan(device: str, quick: bool) -> dict:
                                archs=[80, 90]),
         }
     return {
-        "op": dict(ns=[2048], vocabs=[8192, 32000], dtypes=["fp32"], warmup=2, repeats=10),
+        "op": dict(ns=[2048], vocabs=[8192, 32000], dtypes=["fp32"], warmup=2, repeats=10,
+                   # the busy-process conditions next to the quiet figure: forward + backward, largest V
+                   busy=dict(vocabs=[32000], passes=["fwdbwd"], conditions=["thread", "thread+mmap"])),
         "linear": dict(ns=[2048], hiddens=[256], vocabs=[32000], dtypes=["fp32"], passes=list(linear.PASSES),
                        warmup=1, repeats=5),
         "loss_step": dict(batch=2, seq=512, vocabs=[32000], dtypes=["fp32"], warmup=2, repeats=10),
@@ -79,8 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     sections, extra = {}, {}
     if "op" in args.subjects:
         c = cfg["op"]
+        floor = measure_floor_isolated(args.device, args.threads, c.get("floor_mib", 512))
         sections["op"] = op.sweep(args.device, c["ns"], c["vocabs"], c["dtypes"], args.passes, args.providers,
                                   c["warmup"], c["repeats"], log=log, **run_options)
+        busy = c.get("busy")
+        if busy and any(p in args.passes for p in busy["passes"]):
+            sections["op"] += op.sweep(args.device, c["ns"], busy["vocabs"], c["dtypes"],
+                                       [p for p in busy["passes"] if p in args.passes], args.providers,
+                                       c["warmup"], c["repeats"], log=log, conditions=busy["conditions"],
+                                       **run_options)
+        if floor is not None:  # measured before and after the op cases: the higher of each rate
+            floor = floor.best(measure_floor_isolated(args.device, args.threads, c.get("floor_mib", 512)))
+            op.add_floor(sections["op"], floor)
+            extra["CPU floor"] = floor_markdown(floor)
     if "linear" in args.subjects:
         c = cfg["linear"]
         # "ours" selects both of our paths (chunked memory mode and logits); TRL has no hidden-state level.

@@ -16,6 +16,12 @@ Inside the case process:
   (``Case.output_bytes``: the memory mode's parameter gradients). CUDA: ``max_memory_allocated``; CPU:
   the kernel's high-water mark of resident memory (``VmHWM``, reset by writing 5 to
   ``/proc/self/clear_refs``).
+
+Conditions (``spec["condition"]``, CPU cases): ``quiet`` (nothing else runs), ``thread`` (a Python thread
+reads ``/proc/self/statm`` every 0.5 ms during the case, as a logger or data loader would: it wants the
+GIL between small ops and a core now and then) and ``thread+mmap`` (the same, with glibc's
+``MALLOC_MMAP_THRESHOLD_=65536`` in the case's environment: every allocation above 64 KiB is a fresh
+mapping whose pages fault in on first touch, as with allocators that return memory eagerly).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +73,45 @@ PEAK_BANDWIDTH_GBS: tuple[tuple[str, float], ...] = (
 )
 
 RESULT_MARKER = "@@BENCH_RESULT@@"
+
+CONDITIONS = ("quiet", "thread", "thread+mmap")
+MMAP_THRESHOLD_ENV = ("MALLOC_MMAP_THRESHOLD_", "65536")
+SAMPLER_PERIOD_S = 0.0005
+
+
+def check_condition(condition: str) -> str:
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
+    return condition
+
+
+class StatmSampler:
+    """A Python thread that reads /proc/self/statm every ``period_s`` until stopped (the busy-process
+    condition); ``samples`` counts its reads, so a run can show that it really ran beside the case."""
+
+    def __init__(self, period_s: float = SAMPLER_PERIOD_S):
+        self.period_s = period_s
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="statm-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with open("/proc/self/statm") as f:
+                    f.read()
+            except OSError:
+                pass
+            self.samples += 1
+            time.sleep(self.period_s)
+
+    def __enter__(self) -> StatmSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def log(msg: str) -> None:
@@ -129,6 +175,7 @@ class Timing:
     p80_ms: float
     samples: int
     cpu_median_ms: float | None = None  # process CPU time (all threads); CPU runs only
+    samples_ms: list[float] = field(default_factory=list)
 
 
 def summarize(samples_ms: list[float]) -> Timing:
@@ -172,6 +219,7 @@ def time_case(
             cpu_samples.append((time.process_time() - c0) * 1e3)
         del state
     timing = summarize(samples)
+    timing.samples_ms = samples
     if cpu_samples:
         # On a machine shared with other work, CPU time is steadier than wall time (time spent
         # descheduled is not counted); it sums over threads, so it can exceed the wall time.
@@ -315,13 +363,45 @@ class Result:
 
 def run_in_process(case: Case, spec: dict[str, Any]) -> Result:
     device = spec["device"]
-    timing = time_case(case.fn, case.setup, device, spec["warmup"], spec["repeats"])
+    condition = check_condition(spec.get("condition", "quiet"))
+    extra: dict[str, Any] = {}
+    if "thread" in condition:
+        # The warm-up runs without the sampler (compilation is not what the condition is about).
+        for _ in range(spec["warmup"]):
+            case.fn(case.setup() if case.setup else None)
+        with StatmSampler() as sampler:
+            timing = time_case(case.fn, case.setup, device, 0, spec["repeats"])
+        extra["sampler_reads"] = sampler.samples
+    else:
+        timing = time_case(case.fn, case.setup, device, spec["warmup"], spec["repeats"])
     peak = measure_memory(case.fn, case.setup, device, case.reset) if spec.get("memory", True) else None
     if peak is not None:
         peak = max(0, peak - case.output_bytes)
+    extra.update(cpu_median_ms=timing.cpu_median_ms, samples_ms=timing.samples_ms)
+    if "mmap" in condition:
+        extra["malloc_env"] = os.environ.get(MMAP_THRESHOLD_ENV[0])
     return Result(spec, "ok", timing.median_ms, timing.p20_ms, timing.p80_ms, timing.samples, peak,
-                  case.input_bytes, case.bytes_moved, case.tokens, case.notes,
-                  extra={"cpu_median_ms": timing.cpu_median_ms}, flops=case.flops)
+                  case.input_bytes, case.bytes_moved, case.tokens, case.notes, extra=extra, flops=case.flops)
+
+
+def merge_results(results: list[Result]) -> Result:
+    """One result from repeated runs of the same case (interleaved rounds): timings pooled over every
+    round's samples, the smallest extra peak (the others include the noise of a shared machine)."""
+    if not results:
+        raise ValueError("merge_results: expected at least one result, got none")
+    ok = [r for r in results if r.status == "ok"]
+    if len(ok) < len(results):
+        return next(r for r in results if r.status != "ok")
+    pooled = [t for r in ok for t in r.extra.get("samples_ms") or [r.median_ms]]
+    timing = summarize(pooled)
+    cpu = [r.extra["cpu_median_ms"] for r in ok if r.extra.get("cpu_median_ms") is not None]
+    peaks = [r.extra_peak_bytes for r in ok if r.extra_peak_bytes is not None]
+    first = ok[0]
+    extra = dict(first.extra, samples_ms=pooled, rounds=len(ok),
+                 cpu_median_ms=statistics.median(cpu) if cpu else None)
+    return Result(first.spec, "ok", timing.median_ms, timing.p20_ms, timing.p80_ms, timing.samples,
+                  min(peaks) if peaks else None, first.input_bytes, first.bytes_moved, first.tokens,
+                  first.notes, extra=extra, flops=first.flops)
 
 
 def _child_env(spec: dict[str, Any]) -> dict[str, str]:
@@ -331,6 +411,8 @@ def _child_env(spec: dict[str, Any]) -> dict[str, str]:
     # A case measures the real kernels (or the torch path); the Triton interpreter is for tests only.
     if spec["device"].startswith("cuda"):
         env.pop("TRITON_INTERPRET", None)
+    if "mmap" in check_condition(spec.get("condition", "quiet")):
+        env[MMAP_THRESHOLD_ENV[0]] = MMAP_THRESHOLD_ENV[1]
     return env
 
 
@@ -348,6 +430,24 @@ def run_isolated(spec: dict[str, Any], timeout_s: float = 1800.0) -> Result:
             return Result(**data)
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return Result(spec, "error", notes=f"exit {proc.returncode}: " + " | ".join(tail)[-300:])
+
+
+def measure_floor_isolated(device: str, threads: int | None = None, size_mib: int = 512, timeout_s: float = 600.0):
+    """The CPU floor (``benchmarks.floor``) measured in its own process with the threads of the cases;
+    None on other devices or when the measurement fails (the tables then have no "× floor")."""
+    if device.startswith("cuda"):
+        return None
+    from .floor import Floor
+
+    cmd = [sys.executable, "-m", "benchmarks.floor", "--json", "--size-mib", str(size_mib)]
+    cmd += ["--threads", str(threads)] if threads else []
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env({"device": device}),
+                              timeout=timeout_s)
+        return Floor(**json.loads(proc.stdout.strip().splitlines()[-1]))
+    except (subprocess.TimeoutExpired, ValueError, IndexError, TypeError) as e:
+        log(f"  floor: not measured ({type(e).__name__}: {e})")
+        return None
 
 
 def run_case(spec: dict[str, Any], missing: tuple[str, str] | None, label: str, log=log) -> Result:

@@ -22,7 +22,18 @@ from typing import Any
 
 import torch
 
-from .harness import DTYPES, Case, Result, default_device, log, run_case
+from .floor import Floor, floor_markdown, op_work
+from .harness import (
+    CONDITIONS,
+    DTYPES,
+    Case,
+    Result,
+    default_device,
+    log,
+    measure_floor_isolated,
+    merge_results,
+    run_case,
+)
 from .providers import PROVIDERS, availability, token_fn
 from .report import write_report
 
@@ -94,19 +105,49 @@ def sweep(
     memory: bool = True,
     log=log,
     threads: int | None = None,
+    conditions: tuple[str, ...] | list[str] = ("quiet",),
+    rounds: int = 1,
+    floor: Floor | None = None,
 ) -> list[Result]:
-    results = []
+    """Every case (pass x dtype x N x V x condition x provider) in its own process. With ``rounds`` > 1
+    the whole list runs that many times, providers of a shape next to each other in every round, and
+    each case's samples are pooled over the rounds: a side-by-side comparison that a burst of load on a
+    shared machine cannot bias towards one provider. ``floor`` adds each case's floor (CPU)."""
+    if rounds < 1:
+        raise ValueError(f"sweep: rounds must be >= 1, got {rounds}")
+    specs = []
     for pass_ in passes:
         for dtype in dtypes:
             for n in ns:
                 for vocab in vocabs:
-                    for provider in providers:
-                        spec = {"subject": "op", "device": device, "provider": provider, "pass": pass_,
-                                "n": n, "vocab": vocab, "dtype": dtype, "warmup": warmup, "repeats": repeats,
-                                "memory": memory, "threads": threads}
-                        label = f"op {pass_:6s} N={n:<6d} V={vocab:<7d} {dtype} {provider:9s}"
-                        results.append(run_case(spec, availability(provider, device), label, log))
+                    for condition in conditions:
+                        for provider in providers:
+                            spec = {"subject": "op", "device": device, "provider": provider, "pass": pass_,
+                                    "n": n, "vocab": vocab, "dtype": dtype, "warmup": warmup,
+                                    "repeats": repeats, "memory": memory, "threads": threads}
+                            if condition != "quiet" or len(conditions) > 1:
+                                spec["condition"] = condition
+                            specs.append(spec)
+    runs: list[list[Result]] = [[] for _ in specs]
+    for r in range(rounds):
+        for spec, done in zip(specs, runs):
+            label = (f"op {spec['pass']:6s} N={spec['n']:<6d} V={spec['vocab']:<7d} {spec['dtype']} "
+                     f"{spec.get('condition', 'quiet'):11s} {spec['provider']:9s}"
+                     + (f" (round {r + 1}/{rounds})" if rounds > 1 else ""))
+            done.append(run_case(spec, availability(spec["provider"], device), label, log))
+    results = [merge_results(done) if len(done) > 1 else done[0] for done in runs]
+    if floor is not None:
+        add_floor(results, floor)
     return results
+
+
+def add_floor(results: list[Result], floor: Floor) -> None:
+    """Attach each case's floor time (``benchmarks.floor``) to its result."""
+    for r in results:
+        s = r.spec
+        work = op_work(s["n"], s["vocab"], torch.tensor([], dtype=DTYPES[s["dtype"]]).element_size(), s["pass"])
+        r.extra["floor_ms"] = floor.time_ms(*work)
+        r.extra["floor_bound"] = floor.bound(*work)
 
 
 def add_sweep_args(p: argparse.ArgumentParser, device: str) -> None:
@@ -120,6 +161,12 @@ def add_sweep_args(p: argparse.ArgumentParser, device: str) -> None:
     p.add_argument("--repeats", type=int, default=50 if cuda else 10)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per case (default: torch's)")
+    p.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=["quiet"],
+                   help="CPU: quiet, thread (a sampling thread beside the case), thread+mmap (and glibc "
+                        "MALLOC_MMAP_THRESHOLD_=65536)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every case this many times, interleaved, and pool the samples")
+    p.add_argument("--no-floor", action="store_true", help="CPU: skip measuring the machine's floor")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,9 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pass", dest="passes", nargs="+", choices=PASSES, default=list(PASSES))
     p.add_argument("--out", default="bench_results", help="output folder (table, CSV, plot)")
     args = p.parse_args(argv)
+    floor = None if args.no_floor else measure_floor_isolated(device, args.threads)
     results = sweep(device, args.n, args.vocab, args.dtype, args.passes, args.providers, args.warmup,
-                    args.repeats, memory=not args.no_memory, threads=args.threads)
-    print(write_report({"op": results}, device, args.out, threads=args.threads))
+                    args.repeats, memory=not args.no_memory, threads=args.threads, conditions=args.conditions,
+                    rounds=args.rounds)
+    if floor is not None:  # measured before and after the cases: the higher of each rate
+        floor = floor.best(measure_floor_isolated(device, args.threads))
+        add_floor(results, floor)
+    extra = {"floor": floor_markdown(floor)} if floor is not None else None
+    print(write_report({"op": results}, device, args.out, extra, threads=args.threads))
     return 0
 
 

@@ -15,10 +15,26 @@ from .harness import Result, environment_header, peak_bandwidth_gbs
 from .providers import LOGP_ONLY
 
 # Spec fields that identify a case apart from its provider, in the order the tables show them.
-SHAPE_KEYS = ("pass", "model", "loss", "batch", "seq", "n", "hidden", "vocab", "dtype", "mask_frac")
+SHAPE_KEYS = ("pass", "model", "loss", "batch", "seq", "n", "hidden", "vocab", "dtype", "mask_frac", "condition")
 HEADERS = {"pass": "pass", "model": "model", "loss": "loss", "batch": "B", "seq": "T", "n": "N", "hidden": "H",
-           "vocab": "V", "dtype": "dtype", "mask_frac": "masked"}
+           "vocab": "V", "dtype": "dtype", "mask_frac": "masked", "condition": "condition"}
 BASELINES = ("reference", "compiled")
+# Goals of our provider on CPU, shown as pass/fail markers next to each case that has a floor.
+GOAL_X_FLOOR = 2.0  # at most this multiple of the machine's floor
+GOAL_VS_COMPILED = 2.0  # at least this many times faster than torch.compile of the reference
+GOAL_MEMORY_X_LOGITS = 1.1  # extra peak memory at most this multiple of the logits
+
+
+def goals(row: dict) -> str | None:
+    """Pass/fail markers of the CPU goals for a row of ours that has a floor, else None."""
+    if row["provider"] != "ours" or row.get("x_floor") is None:
+        return None
+    checks = [(f"≤{GOAL_X_FLOOR:g}× floor", row["x_floor"] <= GOAL_X_FLOOR),
+              (f"≥{GOAL_VS_COMPILED:g}× compiled", None if row.get("speedup_vs_compiled") is None
+               else row["speedup_vs_compiled"] >= GOAL_VS_COMPILED),
+              (f"mem ≤{GOAL_MEMORY_X_LOGITS:g}×", None if row.get("extra_peak_x_logits") is None
+               else row["extra_peak_x_logits"] <= GOAL_MEMORY_X_LOGITS)]
+    return ", ".join(f"{name} {'-' if ok is None else ('yes' if ok else 'NO')}" for name, ok in checks)
 
 
 def _shape(r: Result) -> tuple:
@@ -63,6 +79,10 @@ def rows(results: list[Result], device_name: str) -> list[dict]:
             b_ok = b is not None and b.status == "ok" and ok
             row[f"speedup_vs_{base}"] = _ratio(b.median_ms, r.median_ms) if b_ok else None
             row[f"memory_vs_{base}"] = _ratio(r.extra_peak_bytes, b.extra_peak_bytes) if b_ok else None
+        if r.extra.get("floor_ms") is not None:
+            row.update(floor_ms=r.extra["floor_ms"], floor_bound=r.extra.get("floor_bound"),
+                       x_floor=_ratio(r.median_ms, r.extra["floor_ms"]) if ok else None)
+            row["goals"] = goals(row) if ok else None
         out.append(row)
     return out
 
@@ -73,10 +93,12 @@ def markdown_table(table: list[dict]) -> str:
     shape_cols = [k for k in SHAPE_KEYS if any(k in row for row in table)]
     flop_table = any("tflops" in row for row in table)
     work = ["TFLOP/s"] if flop_table else ["GB/s", "% peak"]
+    floor_table = any("floor_ms" in row for row in table)
     head = [HEADERS[k] for k in shape_cols] + [
         "provider", "median ms [p20, p80]", "CPU ms", *work, "tokens/s",
         "extra peak MiB (× logits)",
-        "speed vs ref", "speed vs compiled", "memory vs ref"]
+        "speed vs ref", "speed vs compiled", "memory vs ref"] + (["floor ms", "× floor", "goals"] if floor_table
+                                                                 else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
         cells = [str(row.get(k, "")) for k in shape_cols]
@@ -102,6 +124,9 @@ def markdown_table(table: list[dict]) -> str:
                 _fmt_ratio(row["speedup_vs_compiled"]),
                 _fmt_ratio(row["memory_vs_reference"]),
             ]
+            if floor_table:
+                cells += ["-" if row.get("floor_ms") is None else f"{row['floor_ms']:.1f} ({row['floor_bound']})",
+                          _fmt_ratio(row.get("x_floor")), row.get("goals") or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -221,11 +221,14 @@ def test_op_command_writes_table_csv_plot_and_header(tmp_path):
     text = proc.stdout
     for key in ("- device:", "- torch:", "- triton:", "- date:"):
         assert key in text
-    assert "| trl | not installed" in text and "| liger (log-prob only) | not installed" in text
+    liger_status, liger_reason = availability("liger", "cpu")  # never runnable on CPU
+    assert f"| liger (log-prob only) | {liger_status}: {liger_reason} |" in text
+    trl_missing = availability("trl", "cpu")  # a peer that is installed runs; one that is not is listed
+    assert trl_missing is None or f"| trl | {trl_missing[0]}: {trl_missing[1]} |" in text
     with open(tmp_path / "op.csv") as f:
         table = list(csv.DictReader(f))
     ok = [r for r in table if r["status"] == "ok"]
-    expected = {("ours", "300"), ("ours", "600")}
+    expected = {("ours", "300"), ("ours", "600")} | ({("trl", "300"), ("trl", "600")} if trl_missing is None else set())
     assert {(r["provider"], r["vocab"]) for r in ok} == expected
     for r in ok:
         assert float(r["extra_peak_mb"]) >= 0 and float(r["gbs"]) > 0 and float(r["cpu_median_ms"]) > 0

@@ -1,0 +1,148 @@
+"""This machine's floor for the op, measured in the same run as the op cases.
+
+Any implementation of the op must move some bytes and compute some exponentials; the floor of a case
+is the larger of the two times this machine needs for them at its best measured rates:
+
+    floor = max(bytes / bandwidth, exps / exp_rate)
+
+Work model (N unmasked tokens, V vocabulary, L = N·V·element_size of the logits):
+
+=========  =================================  ==========================================================
+pass       bytes                              exps
+=========  =================================  ==========================================================
+fwd        L (each logit read once)           N·V (every exp(z − max) of the softmax sum)
+bwd        2·L (read the logits, write dz)    N·V (p = exp(z − lse), needed by every gradient element)
+fwdbwd     3·L                                2·N·V (keeping p from the forward would cost L written
+                                              and L read again, more than the exps on a CPU)
+=========  =================================  ==========================================================
+
+Rates, measured with torch on all the threads a case uses (``torch.get_num_threads()``):
+
+* bandwidth: the larger of a large copy (``dst.copy_(src)``, 2 bytes moved per byte copied) and a
+  large read-reduce (``src.sum()``), on warm buffers of ``size_mib`` (far beyond the last-level cache);
+* exp rate: ``torch.exp(x, out=y)`` on cache-resident fp32 buffers (64 Ki to 1 Mi elements), repeated;
+  the best size counts.
+
+Each rate is the median of ``repeats`` timed runs after one warm-up; the suite measures before and after
+its op cases and keeps the higher of each rate. The floor is a property of the
+machine and of the work model, not of any implementation: "× floor" in the op table is the time of a
+case divided by the floor of its shape (1.0 would mean running at the measured limits).
+
+Usage::
+
+    python -m benchmarks.floor [--threads N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+WORK_PASSES = {"fwd": (1, 1), "bwd": (2, 1), "fwdbwd": (3, 2)}  # pass -> (bytes in L, exps in N·V)
+EXP_SIZES = (64 * 1024, 256 * 1024, 1024 * 1024)
+
+
+@dataclass
+class Floor:
+    copy_gbs: float  # bytes moved (read + write) per second by a large copy
+    read_gbs: float  # bytes read per second by a large sum
+    exp_per_s: float  # fp32 exponentials per second, cache-resident
+    threads: int
+
+    @property
+    def bandwidth_gbs(self) -> float:
+        return max(self.copy_gbs, self.read_gbs)
+
+    def time_ms(self, nbytes: float, exps: float) -> float:
+        """The floor of a piece of work: the larger of its memory time and its exp time."""
+        return max(nbytes / (self.bandwidth_gbs * 1e9), exps / self.exp_per_s) * 1e3
+
+    def best(self, other: Floor | None) -> Floor:
+        """The higher of each rate of two measurements (taken before and after the cases of a run)."""
+        if other is None:
+            return self
+        return Floor(max(self.copy_gbs, other.copy_gbs), max(self.read_gbs, other.read_gbs),
+                     max(self.exp_per_s, other.exp_per_s), self.threads)
+
+    def bound(self, nbytes: float, exps: float) -> str:
+        return "memory" if nbytes / (self.bandwidth_gbs * 1e9) >= exps / self.exp_per_s else "exp"
+
+
+def op_work(n: int, vocab: int, element_size: int, pass_: str) -> tuple[int, int]:
+    """(bytes, exps) any implementation of ``pass_`` needs for N unmasked tokens (module docstring)."""
+    if pass_ not in WORK_PASSES:
+        raise ValueError(f"op_work: pass must be one of {tuple(WORK_PASSES)}, got {pass_!r}")
+    if n < 0 or vocab < 0 or element_size <= 0:
+        raise ValueError(f"op_work: expected n, vocab >= 0 and element_size > 0, got {n}, {vocab}, {element_size}")
+    nbytes, nexps = WORK_PASSES[pass_]
+    return nbytes * n * vocab * element_size, nexps * n * vocab
+
+
+def _median_s(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def measure_floor(size_mib: int = 512, repeats: int = 5, threads: int | None = None) -> Floor:
+    """Measure the bandwidth and exp rate of this machine (see the module docstring)."""
+    if size_mib <= 0 or repeats <= 0:
+        raise ValueError(f"measure_floor: expected size_mib > 0 and repeats > 0, got {size_mib}, {repeats}")
+    if threads:
+        torch.set_num_threads(threads)
+    n = size_mib * 2**20 // 4
+    src = torch.rand(n)
+    dst = torch.empty_like(src)
+    dst.fill_(0.0)  # fault the pages in before timing
+    copy_s = _median_s(lambda: dst.copy_(src), repeats)
+    read_s = _median_s(src.sum, repeats)
+    nbytes = n * 4
+    src = dst = None  # free the large buffers before the exp measurement
+    best_exp = 0.0
+    for size in EXP_SIZES:
+        x = torch.rand(size) * 8 - 4
+        y = torch.empty_like(x)
+        reps = max(1, 2**25 // size)
+
+        def exps(x=x, y=y, reps=reps):
+            for _ in range(reps):
+                torch.exp(x, out=y)
+
+        best_exp = max(best_exp, reps * size / _median_s(exps, repeats))
+    return Floor(copy_gbs=2 * nbytes / copy_s / 1e9, read_gbs=nbytes / read_s / 1e9, exp_per_s=best_exp,
+                 threads=torch.get_num_threads())
+
+
+def floor_markdown(floor: Floor) -> str:
+    return (f"Measured in this run ({floor.threads} threads): copy {floor.copy_gbs:.1f} GB/s (read + write), "
+            f"read-reduce {floor.read_gbs:.1f} GB/s, exp {floor.exp_per_s / 1e9:.2f} G/s (fp32, "
+            f"cache-resident). Floor of a case = max(bytes / {floor.bandwidth_gbs:.1f} GB/s, "
+            f"exps / {floor.exp_per_s / 1e9:.2f} G/s); op work: forward L bytes and N·V exps, backward 2·L "
+            "and N·V, forward + backward 3·L and 2·N·V (L = N·V·element size).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Measure this machine's bandwidth and exp rate (the op's floor)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--size-mib", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print one JSON line (used by the benchmark suite)")
+    args = p.parse_args(argv)
+    floor = measure_floor(args.size_mib, args.repeats, args.threads)
+    print(json.dumps(asdict(floor)) if args.json else floor_markdown(floor))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
