@@ -196,3 +196,21 @@ def test_refusals(tmp_path):
                                                             loss_type=["mallows_phi"], phi_star=-1))
     with pytest.raises(TypeError, match="expected a trl.DPOTrainer instance, found object"):
         patch_dpo_trainer(object())
+
+
+def test_evaluate_logs_trl_and_dispersion_keys(tmp_path):
+    from trl_helpers import dataset, tiny_model, tokenizer
+
+    model = tiny_model("gpt2")
+    args = dpo_args(tmp_path, MallowsDPOConfig, loss_type=["mallows_phi"], per_device_eval_batch_size=4)
+    trainer = MallowsDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=dataset(),
+                                eval_dataset=dataset(), processing_class=tokenizer())
+    metrics = trainer.evaluate()
+    for key in ("loss", "rewards/margins", "logps/chosen", "mean_token_accuracy", "dispersion/neg_log_mean",
+                "dispersion/entropy_mean"):
+        assert math.isfinite(metrics[f"eval_{key}"]), key
+    # at initialisation (policy = reference) every margin is 0: -log g_phi(0+) < log 2 (right branch)
+    assert metrics["eval_rewards/margins"] == 0.0 and metrics["eval_loss"] < math.log(2)
+    with torch.no_grad(), pytest.warns(FutureWarning, match="return_outputs=True"):  # TRL's deprecated path
+        loss, outputs = trainer.compute_loss(trainer.model, first_batch(trainer), return_outputs=True)
+    assert math.isfinite(loss.item()) and outputs.logits.shape[-1] == model.config.vocab_size
