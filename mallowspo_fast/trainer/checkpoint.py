@@ -266,16 +266,18 @@ def _publish(root: Path, tmp: Path, final: Path) -> None:
 
 
 def prune(root: Path, keep: int | None, newest: Path) -> None:
-    """Delete temporary directories of killed saves and, with ``keep``, the complete checkpoints older than
-    the newest ``keep`` ones, plus incomplete ones older than ``newest``. ``newest`` (just verified as
-    written) is never deleted, so a save that did not finish never costs the last good checkpoint."""
+    """Delete temporary directories of killed saves and, with ``keep``, the checkpoints older than ``newest``
+    except the newest ``keep - 1`` of them that pass :func:`verify`. ``newest`` (just written) is never
+    deleted and this runs only after it is complete, so a save that did not finish never costs the last
+    good one."""
     for p in root.iterdir():
         if p.is_dir() and p.name.startswith(TMP_PREFIX):
             shutil.rmtree(p, ignore_errors=True)
     if keep is None:
         return
-    checkpoints = [p for p in list_checkpoints(root) if p != newest]
-    complete = [p for p in checkpoints if (p / MANIFEST).is_file() or (p / STATE_FILE).is_file()]
+    every = list_checkpoints(root)
+    checkpoints = every[:every.index(newest)] if newest in every else []  # newer ones are left alone
+    complete = [p for p in checkpoints if not verify(p)]
     kept = set(complete[-(keep - 1):]) if keep > 1 else set()
     for p in checkpoints:
         if p not in kept:

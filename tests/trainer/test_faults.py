@@ -138,3 +138,18 @@ def test_checkpoint_without_manifest_is_incomplete(tmp_path: Path) -> None:
     assert C.resolve_resume("auto", str(tmp_path)) is None
     with pytest.raises(ValueError, match="no manifest.json"):
         C.resolve_resume(str(tmp_path / "checkpoint-5"), str(tmp_path))
+
+
+def test_pruning_keeps_the_newest_verified_checkpoints(tmp_path: Path) -> None:
+    """save_total_limit counts only checkpoints that pass verification: a damaged one never displaces the
+    last good one; temporary directories of killed saves go; a newer checkpoint is not touched."""
+    for step in (1, 2, 3, 4, 6):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        (ckpt / "weights.pt").write_bytes(bytes([step]) * 100)
+        (ckpt / C.MANIFEST).write_text(json.dumps(C.build_manifest(ckpt)))
+    (tmp_path / "checkpoint-3" / "weights.pt").write_bytes(b"\0" * 100)  # same size, other bytes
+    (tmp_path / ".tmp-checkpoint-5").mkdir()
+    assert C.verify(tmp_path / "checkpoint-3") == ["weights.pt does not match its sha256 checksum"]
+    C.prune(tmp_path, keep=2, newest=tmp_path / "checkpoint-4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
