@@ -241,6 +241,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     Raises:
         ValueError: data that cannot be loaded or is too small for one global batch, and other
             problems found once the data and the model are known, with the loader's message.
+        NonFiniteError: a non-finite loss or gradient norm with ``on_nonfinite: stop`` (or too many
+            skipped updates in a row with ``skip``), naming the step and the rows; no update was applied.
 
     Examples:
         >>> result = train(load_config("run.yaml"))
