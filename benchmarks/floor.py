@@ -23,6 +23,13 @@ Rates, measured with torch on all the threads a case uses (``torch.get_num_threa
 * exp rate: ``torch.exp(x, out=y)`` on cache-resident fp32 buffers (64 Ki to 1 Mi elements), repeated;
   the best size counts.
 
+On a shared machine the wall-clock rates of all threads drop with the load (a descheduled thread stalls
+every parallel region), so each rate is also measured on one thread by that thread's CPU time (time
+spent descheduled does not count) and the higher figure is kept: the exp rate of one core times the
+threads of a case, the read bandwidth of one core as it is. The floor stays a lower bound on the time
+of the work on this machine; compare it with the CPU time of a case ("× floor (CPU)": CPU ms over
+floor ms × threads) when the machine is busy.
+
 Each rate is the median of ``repeats`` timed runs after one warm-up; the suite measures before and after
 its op cases and keeps the higher of each rate. The floor is a property of the
 machine and of the work model, not of any implementation: "× floor" in the op table is the time of a
@@ -36,6 +43,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -85,13 +93,13 @@ def op_work(n: int, vocab: int, element_size: int, pass_: str) -> tuple[int, int
     return nbytes * n * vocab * element_size, nexps * n * vocab
 
 
-def _median_s(fn: Callable[[], object], repeats: int) -> float:
+def _median_s(fn: Callable[[], object], repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
     fn()
     samples = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        samples.append(time.perf_counter() - t0)
+        samples.append(clock() - t0)
     return statistics.median(samples)
 
 
@@ -105,9 +113,12 @@ def measure_floor(size_mib: int = 512, repeats: int = 5, threads: int | None = N
     src = torch.rand(n)
     dst = torch.empty_like(src)
     dst.fill_(0.0)  # fault the pages in before timing
+    threads = torch.get_num_threads()
     copy_s = _median_s(lambda: dst.copy_(src), repeats)
     read_s = _median_s(src.sum, repeats)
     nbytes = n * 4
+    with _one_thread():  # the CPU-time rate of one thread, immune to time spent descheduled
+        read_s = min(read_s, _median_s(src.sum, repeats, clock=time.thread_time))
     src = dst = None  # free the large buffers before the exp measurement
     best_exp = 0.0
     for size in EXP_SIZES:
@@ -120,8 +131,20 @@ def measure_floor(size_mib: int = 512, repeats: int = 5, threads: int | None = N
                 torch.exp(x, out=y)
 
         best_exp = max(best_exp, reps * size / _median_s(exps, repeats))
+        with _one_thread():  # one core's CPU-time rate, times the cores a case uses
+            best_exp = max(best_exp, threads * reps * size / _median_s(exps, repeats, clock=time.thread_time))
     return Floor(copy_gbs=2 * nbytes / copy_s / 1e9, read_gbs=nbytes / read_s / 1e9, exp_per_s=best_exp,
-                 threads=torch.get_num_threads())
+                 threads=threads)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def floor_markdown(floor: Floor) -> str:

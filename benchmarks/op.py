@@ -148,6 +148,7 @@ def add_floor(results: list[Result], floor: Floor) -> None:
         work = op_work(s["n"], s["vocab"], torch.tensor([], dtype=DTYPES[s["dtype"]]).element_size(), s["pass"])
         r.extra["floor_ms"] = floor.time_ms(*work)
         r.extra["floor_bound"] = floor.bound(*work)
+        r.extra["floor_threads"] = floor.threads
 
 
 def add_sweep_args(p: argparse.ArgumentParser, device: str) -> None:

@@ -80,8 +80,10 @@ def rows(results: list[Result], device_name: str) -> list[dict]:
             row[f"speedup_vs_{base}"] = _ratio(b.median_ms, r.median_ms) if b_ok else None
             row[f"memory_vs_{base}"] = _ratio(r.extra_peak_bytes, b.extra_peak_bytes) if b_ok else None
         if r.extra.get("floor_ms") is not None:
+            cpu_ms, threads = r.extra.get("cpu_median_ms"), r.extra.get("floor_threads")
             row.update(floor_ms=r.extra["floor_ms"], floor_bound=r.extra.get("floor_bound"),
-                       x_floor=_ratio(r.median_ms, r.extra["floor_ms"]) if ok else None)
+                       x_floor=_ratio(r.median_ms, r.extra["floor_ms"]) if ok else None,
+                       x_floor_cpu=_ratio(cpu_ms, r.extra["floor_ms"] * threads) if ok and threads else None)
             row["goals"] = goals(row) if ok else None
         out.append(row)
     return out
@@ -97,8 +99,8 @@ def markdown_table(table: list[dict]) -> str:
     head = [HEADERS[k] for k in shape_cols] + [
         "provider", "median ms [p20, p80]", "CPU ms", *work, "tokens/s",
         "extra peak MiB (× logits)",
-        "speed vs ref", "speed vs compiled", "memory vs ref"] + (["floor ms", "× floor", "goals"] if floor_table
-                                                                 else [])
+        "speed vs ref", "speed vs compiled", "memory vs ref"]
+    head += ["floor ms", "× floor", "× floor (CPU)", "goals"] if floor_table else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
         cells = [str(row.get(k, "")) for k in shape_cols]
@@ -126,7 +128,8 @@ def markdown_table(table: list[dict]) -> str:
             ]
             if floor_table:
                 cells += ["-" if row.get("floor_ms") is None else f"{row['floor_ms']:.1f} ({row['floor_bound']})",
-                          _fmt_ratio(row.get("x_floor")), row.get("goals") or "-"]
+                          _fmt_ratio(row.get("x_floor")), _fmt_ratio(row.get("x_floor_cpu")),
+                          row.get("goals") or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -48,7 +48,8 @@ def test_floor_measurement_gives_positive_rates():
 
 def test_op_results_get_their_floor_and_the_report_shows_goals():
     spec = {"pass": "fwdbwd", "n": 1000, "vocab": 1000, "dtype": "fp32", "device": "cpu"}
-    res = [Result({**spec, "provider": p}, "ok", ms, ms, ms, 1, peak, 4_000_000, 12e6, 1000)
+    res = [Result({**spec, "provider": p}, "ok", ms, ms, ms, 1, peak, 4_000_000, 12e6, 1000,
+                  extra={"cpu_median_ms": 2 * ms})
            for p, ms, peak in (("ours", 2.0, 4_200_000), ("compiled", 5.0, 12_000_000))]
     floor = Floor(copy_gbs=12.0, read_gbs=12.0, exp_per_s=1e9, threads=2)  # 1 ms of bytes, 2 ms of exps
     op.add_floor(res, floor)
@@ -58,7 +59,8 @@ def test_op_results_get_their_floor_and_the_report_shows_goals():
     assert table["ours"]["goals"] == "≤2× floor yes, ≥2× compiled yes, mem ≤1.1× yes"
     assert table["compiled"]["goals"] is None
     md = markdown_table(list(table.values()))
-    assert "| floor ms | × floor | goals |" in md and "| 2.0 (exp) | 1.00× |" in md
+    assert table["ours"]["x_floor_cpu"] == pytest.approx(1.0)  # 4 CPU ms over 2 ms on 2 threads
+    assert "| floor ms | × floor | × floor (CPU) | goals |" in md and "| 2.0 (exp) | 1.00× | 1.00× |" in md
 
 
 def test_sampler_thread_runs_beside_the_case():
