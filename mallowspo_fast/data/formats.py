@@ -307,6 +307,8 @@ def _conversational_implicit(row: Mapping[str, Any]):
     prompt, c, r = split_common_messages(chosen, rejected)
     if not c or not r:
         raise RowError("chosen == rejected")
+    if not any(m["content"].strip() for m in _with_system(prompt, system)):
+        raise RowError("empty prompt (chosen and rejected share no leading non-empty message)")
     return _finish_pair(prompt, c, r, True, system)
 
 
@@ -394,7 +396,7 @@ PAIRED_FORMATS: tuple[RowFormat, ...] = (
 def _label(value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, (int, float)) and value in (0, 1):  # 1.0: Arrow makes a column of 1 and 0.5 floats
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
         return value.strip().lower() in ("true", "1")

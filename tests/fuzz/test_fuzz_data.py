@@ -106,8 +106,12 @@ def good_row(draw, fmt: str) -> Case:
         row = {"chosen": raw + asst(c), "rejected": raw + asst(r)}
         return Case(row, {"prompt": norm, "chosen": asst(c), "rejected": asst(r), "conv": True})
     if fmt == "sharegpt":
-        share = [{"from": m["role"].replace("user", "human"), "value": m["content"]} for m in norm]
-        row = {"conversations": share, "chosen": {"from": "gpt", "value": c}, "rejected": {"from": "gpt", "value": r}}
+        if draw(st.booleans()):  # ShareGPT keys, or role/content (both accepted; rows may mix them)
+            share = [{"from": m["role"].replace("user", "human"), "value": m["content"]} for m in norm]
+            row = {"conversations": share, "chosen": {"from": "gpt", "value": c},
+                   "rejected": {"from": "gpt", "value": r}}
+        else:
+            row = {"conversations": [dict(m) for m in norm], "chosen": asst(c)[0], "rejected": asst(r)[0]}
         return Case(row, {"prompt": norm, "chosen": asst(c), "rejected": asst(r), "conv": True})
     label_raw, label = draw(st.sampled_from([(True, True), (False, False), (1, True), (0, False), ("true", True),
                                              (" False ", False), ("1", True)]))
