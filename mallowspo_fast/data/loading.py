@@ -343,11 +343,11 @@ def _normalise_batch(batch: dict[str, list], fmt: RowFormat, paired: bool) -> di
     return out
 
 
-def _normalise_one(row: dict, fmt: RowFormat, paired: bool, strict: bool) -> dict:
+def _normalise_one(row: dict, index: int, fmt: RowFormat, paired: bool, strict: bool) -> dict:
     out, reason = normalise_row(fmt, row)
     if out is None:
         if strict:
-            raise ValueError(f"malformed row in a streamed dataset: {reason}")
+            raise ValueError(f"row {index}: {reason} (format {fmt.name}; strict mode, streamed dataset)")
         category = skip_category(reason)
         if category not in _streaming_warned:
             _streaming_warned.add(category)
@@ -398,6 +398,7 @@ def normalise_dataset(
     if isinstance(ds, datasets.IterableDataset):
         out = ds.map(
             _normalise_one,
+            with_indices=True,
             remove_columns=consumed,
             fn_kwargs={"fmt": fmt, "paired": paired, "strict": strict},
         )

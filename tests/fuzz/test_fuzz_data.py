@@ -238,12 +238,22 @@ def dataset_case(draw, formats: tuple[str, ...]) -> tuple[str, list[Case]]:
     return fmt, [first, *rest]
 
 
-def check_dataset(fuzz_tokenizer, tmp_path_factory, case, strict, as_file):
+def _strict_error(cases: list[Case], bad: list[int], err: ValueError) -> None:
+    """A strict-mode error names the first broken row and its field."""
+    message = str(err)
+    assert message.startswith(f"row {bad[0]}:"), message
+    field = cases[bad[0]].field
+    assert any(w in message for w in FIELD_WORDS.get(field, (field,))), (field, message)
+
+
+def check_dataset(fuzz_tokenizer, tmp_path_factory, case, strict, source):
     fmt, cases = case
     paired = fmt in PAIRED
     rows = [c.row for c in cases]
+    as_file = source == "file"
     try:
-        raw = data.load_raw_dataset(_source(rows, as_file, tmp_path_factory.getbasetemp()))
+        raw = data.load_raw_dataset(_source(rows, as_file, tmp_path_factory.getbasetemp()),
+                                    streaming=source == "stream")
     except CLEAR_ERRORS as err:
         # A JSON file whose columns change type between rows may be unreadable as a table: then the
         # error must name the file.
@@ -252,29 +262,31 @@ def check_dataset(fuzz_tokenizer, tmp_path_factory, case, strict, as_file):
     bad = [i for i, c in enumerate(cases) if c.expected is None]
     try:
         ds, report = data.normalise_dataset(raw, paired=paired, strict=strict)
+        got = list(ds)  # a stream checks its rows here
     except ValueError as err:
         assert strict and bad, f"unexpected ValueError: {err}"
-        message = str(err)
-        assert message.startswith(f"row {bad[0]}:"), message
-        field = cases[bad[0]].field
-        assert any(w in message for w in FIELD_WORDS.get(field, (field,))), (field, message)
+        _strict_error(cases, bad, err)
         return
     assert not (strict and bad), f"strict mode accepted broken rows {bad}"
     assert report.format == fmt
-    assert report.num_skipped == len(bad) and report.num_rows == len(cases) - len(bad)
+    if source != "stream":
+        assert report.num_skipped == len(bad) and report.num_rows == len(cases) - len(bad)
     kept = [c for c in cases if c.expected is not None]
-    assert len(ds) == len(kept)
-    for got, c in zip(ds, kept):
-        _check_kept(got, c.expected, paired)
+    assert len(got) == len(kept)
+    for row, c in zip(got, kept):
+        _check_kept(row, c.expected, paired)
+    if source == "stream":
+        return
     tokenise = data.tokenize_preference_data if paired else data.tokenize_unpaired_data
-    _check_tokens(fuzz_tokenizer, list(ds), tokenise(ds, fuzz_tokenizer, max_length=None), paired)
+    _check_tokens(fuzz_tokenizer, got, tokenise(ds, fuzz_tokenizer, max_length=None), paired)
 
 
+sources = st.sampled_from(["list", "file", "stream"])
 test_paired_rows, test_paired_rows_slow = fuzz_pair(
-    case=dataset_case(PAIRED), strict=st.booleans(), as_file=st.booleans()
+    case=dataset_case(PAIRED), strict=st.booleans(), source=sources
 )(check_dataset)
 test_unpaired_rows, test_unpaired_rows_slow = fuzz_pair(
-    case=dataset_case(UNPAIRED), strict=st.booleans(), as_file=st.booleans()
+    case=dataset_case(UNPAIRED), strict=st.booleans(), source=sources
 )(check_dataset)
 
 
