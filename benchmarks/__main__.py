@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                                   c["warmup"], c["repeats"], log=log, **run_options)
         busy = c.get("busy")
         if busy and any(p in args.passes for p in busy["passes"]):
+            for r in sections["op"]:  # the quiet figures, named as such next to the busy ones
+                r.spec.setdefault("condition", "quiet")
             sections["op"] += op.sweep(args.device, c["ns"], busy["vocabs"], c["dtypes"],
                                        [p for p in busy["passes"] if p in args.passes], args.providers,
                                        c["warmup"], c["repeats"], log=log, conditions=busy["conditions"],
