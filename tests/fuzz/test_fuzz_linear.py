@@ -19,7 +19,7 @@ from mallowspo_fast.ops.naive import naive_token_logprobs
 
 VALUE_ATOL = {torch.float32: 2e-5, torch.float64: 2e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
 def _absmax(t: torch.Tensor) -> float:
-    return float(t.abs().max()) if t.numel() else 0.0
+    return float(t.detach().abs().max()) if t.numel() else 0.0
 
 
 GRAD_ATOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}

@@ -119,7 +119,11 @@ def check_valid(case):
         assert o.dtype == torch.float32 and o.shape == r.shape
         torch.testing.assert_close(o.double(), r, atol=VALUE_ATOL[dtype], rtol=1e-5)
     scale = max(1.0, float(rgrad.abs().max())) if rgrad.numel() else 1.0
-    torch.testing.assert_close(grad.double(), rgrad, atol=GRAD_ATOL[dtype] * scale, rtol=1e-3)
+    # fp32 log-probs carry an absolute error of about eps * |z| (z = logits / temperature, up to ~80 here):
+    # the entropy gradient p * (log p + H) inherits it, so the tolerance grows with |z| beyond 10.
+    finite = case["values"][torch.isfinite(case["values"])].double()
+    zscale = max(1.0, float(finite.abs().max()) / case["temperature"] / 10) if finite.numel() else 1.0
+    torch.testing.assert_close(grad.double(), rgrad, atol=GRAD_ATOL[dtype] * scale * zscale, rtol=1e-3)
     masked = case["labels"] == case["ignore_index"]
     if masked.any() and not case["sequence"] and case["layout"] != "expanded":
         assert bool((outs[0][masked] == 0).all() and (outs[1][masked] == 0).all())
