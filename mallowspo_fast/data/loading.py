@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import logging
-import math
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -15,7 +12,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import datasets
-import pyarrow as pa
 
 from .distributed import main_process_first
 from .formats import (
@@ -28,6 +24,7 @@ from .formats import (
     normalise_row,
     skip_category,
 )
+from .raw_rows import dataset_from_rows, load_data_file, unreadable_as_value_error
 
 logger = logging.getLogger("mallowspo_fast.data")
 
@@ -124,65 +121,6 @@ def _is_saved_dataset(path: Path) -> bool:
     return any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
-def _dataset_from_rows(rows: Sequence[Mapping[str, Any]]) -> datasets.Dataset:
-    """A Dataset holding exactly the given rows. Every row gets every key (``from_list`` takes the columns
-    of the first row only). A column whose values Arrow cannot hold in one type is stored as JSON text,
-    encoded here: `datasets` would keep a string that is valid JSON ("0", '"hi"') as is and decode it."""
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    columns = {k: [r.get(k) for r in rows] for k in keys}
-    mixed = []
-    for k, values in columns.items():
-        try:
-            pa.array(values)
-        except (pa.ArrowException, TypeError, ValueError, OverflowError):
-            mixed.append(k)
-    if not mixed:
-        return datasets.Dataset.from_dict(columns)
-    plain = datasets.Dataset.from_dict({k: v for k, v in columns.items() if k not in mixed})
-    features = datasets.Features({k: plain.features[k] if k not in mixed else datasets.Json() for k in keys})
-    for k in mixed:
-        columns[k] = [None if v is None else json.dumps(_json_number_safe(v)) for v in columns[k]]
-    return datasets.Dataset.from_dict(columns, features=features)
-
-
-def _json_number_safe(value: Any) -> Any:
-    """Integers beyond 64 bits become floats (the JSON text decoder of `datasets` reads no larger ones and
-    would keep their text as a string instead)."""
-    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
-        return float(value) if abs(value) < 2**1023 else math.copysign(math.inf, value)
-    if isinstance(value, Mapping):
-        return {k: _json_number_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_number_safe(v) for v in value]
-    return value
-
-
-def _read_json_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON Lines file or of a JSON array of objects (ValueError naming the line or row)."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()
-        ]
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    bad = next((i for i, r in enumerate(rows) if not isinstance(r, Mapping)), None)
-    if bad is not None:
-        raise ValueError(f"{path}: row {bad} is a {type(rows[bad]).__name__}, expected a JSON object")
-    return rows
-
-
-@contextlib.contextmanager
-def _unreadable_as_value_error(path: Path):
-    """A file `datasets` cannot parse (a broken JSON line, a line that is not an object) raises ValueError
-    naming the file and the parser's reason."""
-    try:
-        yield
-    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError) as err:
-        cause = err.__cause__ or err
-        raise ValueError(f"{path}: cannot read the data file ({type(cause).__name__}: {cause})") from err
-
-
 def load_raw_dataset(
     source: Any,
     *,
@@ -224,7 +162,7 @@ def load_raw_dataset(
         bad = next((i for i, r in enumerate(source) if not isinstance(r, Mapping)), None)
         if bad is not None:
             raise TypeError(f"a list source must hold dict rows; row {bad} is a {type(source[bad]).__name__}")
-        ds = _dataset_from_rows(source)
+        ds = dataset_from_rows(source)
         return ds.to_iterable_dataset() if streaming else ds
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
@@ -243,22 +181,10 @@ def load_raw_dataset(
             )
         if builder == "csv" and path.suffix.lower() == ".tsv":
             load_kwargs.setdefault("delimiter", "\t")
-        exact_json = builder == "json" and not streaming and split in (None, "train") and not load_kwargs
-        try:
-            with _unreadable_as_value_error(path):
-                ds = datasets.load_dataset(builder, data_files=str(path), split=split, streaming=streaming,
-                                           **load_kwargs)
-        except ValueError:
-            if not exact_json:
-                raise
-            ds = None  # e.g. an integer beyond int64: Python's json reads it
-        if exact_json and (ds is None or "Json(" in repr(ds.features)):
-            # Columns whose type changes between rows are stored as JSON text, and `datasets` then decodes
-            # strings that happen to be valid JSON ("0", '"hi"'): read such a file exactly, row by row.
-            return load_raw_dataset(_read_json_rows(path), split=None)
-        return ds
+        loaded = load_data_file(path, builder, split, streaming, load_kwargs)
+        return load_raw_dataset(loaded, split=None) if isinstance(loaded, list) else loaded
     if path.is_dir():
-        with _unreadable_as_value_error(path):
+        with unreadable_as_value_error(path):
             return datasets.load_dataset(str(path), split=split, streaming=streaming, **load_kwargs)
     text = str(source)
     if path.suffix.lower() in FILE_BUILDERS or text.startswith((".", "/", "~")):
