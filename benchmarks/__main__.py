@@ -1,7 +1,8 @@
 """Run the whole suite on the device found: ``python -m benchmarks [--quick] [--out DIR]``.
 
 Subjects: the op (forward, backward, forward+backward), the memory mode (hidden states and output
-weight to log-probs, against the logits path), a preference-loss step, a small-model train step, and the
+weight to log-probs, against the logits path), a preference-loss step, a small-model train step, one
+step of TRL's ``DPOTrainer`` with TRL's own head and with the fused op (when TRL is installed), and the
 projection for sm_80 / sm_90. Shapes default to the GPU sweep of the issue on CUDA (op: V = 32000,
 128256, 151936, 256000, bf16 and fp32; memory mode: N = 8192, H = 4096, V = 32000, 128256, 151936, bf16)
 and to CPU-sized shapes on CPU. ``--quick`` uses tiny shapes and few repeats: a smoke run that checks
@@ -14,13 +15,13 @@ import argparse
 import sys
 import time
 
-from . import linear, loss_step, op, projection, train_step
+from . import linear, loss_step, op, projection, train_step, trl_step
 from .floor import floor_markdown
 from .harness import default_device, log, measure_floor_isolated
 from .providers import PROVIDERS
 from .report import write_report
 
-SUBJECTS = ("op", "linear", "loss_step", "train_step", "projection")
+SUBJECTS = ("op", "linear", "loss_step", "train_step", "trl_step", "projection")
 
 
 def plan(device: str, quick: bool) -> dict:
@@ -34,6 +35,7 @@ def plan(device: str, quick: bool) -> dict:
             "loss_step": dict(batch=2, seq=64, vocabs=[2048], dtypes=["fp32"], warmup=1, repeats=3),
             "train_step": dict(model="llama-tiny", batch=1, seq=32, vocab=2048, dtype="fp32", warmup=1,
                                repeats=2),
+            "trl_step": dict(vocab=2048, batch=1, prompt=16, completion=16, warmup=1, repeats=2),
             "projection": dict(ns=[8192], vocabs=[32000], dtypes=["bf16"], archs=[90]),
         }
     if cuda:
@@ -46,6 +48,7 @@ def plan(device: str, quick: bool) -> dict:
                               repeats=30),
             "train_step": dict(model="llama-small", batch=8, seq=1024, vocab=128256, dtype="bf16", warmup=3,
                                repeats=20),
+            "trl_step": dict(vocab=128256, batch=8, prompt=512, completion=512, warmup=2, repeats=10),
             "projection": dict(ns=[8192, 16384], vocabs=list(projection.VOCABS), dtypes=["bf16"],
                                archs=[80, 90]),
         }
@@ -58,6 +61,8 @@ def plan(device: str, quick: bool) -> dict:
         "loss_step": dict(batch=2, seq=512, vocabs=[32000], dtypes=["fp32"], warmup=2, repeats=10),
         "train_step": dict(model="llama-tiny", batch=2, seq=256, vocab=32000, dtype="fp32", warmup=1,
                            repeats=5),
+        # the issue's CPU setting: a 128k vocabulary (docs/integrations.md)
+        "trl_step": dict(vocab=128256, batch=2, prompt=192, completion=64, warmup=1, repeats=3),
         "projection": dict(ns=[8192, 16384], vocabs=list(projection.VOCABS), dtypes=["bf16"], archs=[80, 90]),
     }
 
@@ -116,6 +121,16 @@ def main(argv: list[str] | None = None) -> int:
         sections["train_step"] = train_step.sweep(args.device, c["model"], c["batch"], c["seq"], c["vocab"],
                                                   c["dtype"], list(train_step.LOSSES), providers, c["warmup"],
                                                   c["repeats"], log=log, **run_options)
+    if "trl_step" in args.subjects:
+        c = cfg["trl_step"]
+        if not trl_step.trl_available():
+            log("  trl_step: TRL is not installed (pip install -e '.[trl]'), subject skipped")
+            extra["trl_step"] = "TRL is not installed: `pip install -e '.[trl]'` to measure this subject."
+        else:
+            sections["trl_step"] = trl_step.sweep(args.device, c["vocab"], c["batch"], c["prompt"], c["completion"],
+                                                  list(trl_step.LOSSES), c["warmup"], c["repeats"],
+                                                  threads=args.threads, log=log)
+            extra["trl_step: ours vs TRL"] = trl_step.comparison_markdown(sections["trl_step"])
     if "projection" in args.subjects:
         c = cfg["projection"]
         log("  projection (ahead-of-time compilation)")

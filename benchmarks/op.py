@@ -52,12 +52,14 @@ def op_bytes(n: int, vocab: int, dtype: str, pass_: str) -> int:
 
 def make_inputs(n: int, vocab: int, dtype: str, device: str, seed: int = 0):
     """Logits [N, V] (requires grad), labels [N], upstream grads of logp and entropy [N] fp32."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # Drawn on the device itself: a host generator fills [N, V] at ~1e8 samples/s, tens of seconds per case
+    # at the largest GPU shapes (on CPU the values are the same as before).
+    gen = torch.Generator(device=device).manual_seed(seed)
     # Spread like real LM logits (std ~2) so that exp() work is representative.
-    logits = (2.0 * torch.randn(n, vocab, generator=gen)).to(device=device, dtype=DTYPES[dtype])
-    labels = torch.randint(0, vocab, (n,), generator=gen).to(device)
-    grad_logp = torch.randn(n, generator=gen).to(device)
-    grad_entropy = torch.randn(n, generator=gen).to(device)
+    logits = torch.randn(n, vocab, generator=gen, device=device).mul_(2.0).to(DTYPES[dtype])
+    labels = torch.randint(0, vocab, (n,), generator=gen, device=device)
+    grad_logp = torch.randn(n, generator=gen, device=device)
+    grad_entropy = torch.randn(n, generator=gen, device=device)
     return logits.requires_grad_(True), labels, grad_logp, grad_entropy
 
 

@@ -40,6 +40,13 @@ _TEXT_ROWS = [{"prompt": f"Question {i}:", "chosen": f" good answer {i}", "rejec
               for i in range(4)]
 
 
+def trl_available() -> bool:
+    """Whether TRL (the ``[trl]`` extra) is importable; the suite lists the subject as skipped otherwise."""
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
 def _trainer(spec: dict[str, Any]):
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM
