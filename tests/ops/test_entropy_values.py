@@ -166,7 +166,8 @@ def test_reference_helper_matches_the_definition():
     "call, err, match",
     [
         (lambda: mpf.token_entropy(torch.zeros(3, 4, dtype=torch.int64)), TypeError, "float32/bfloat16"),
-        (lambda: mpf.token_entropy(torch.tensor(1.0)), ValueError, r"expected logits \[..., V\] with V >= 1, got shape \(\)"),
+        (lambda: mpf.token_entropy(torch.tensor(1.0)), ValueError,
+         r"expected logits \[..., V\] with V >= 1, got shape \(\)"),
         (lambda: mpf.token_entropy(torch.zeros(3, 4), temperature=0.0), ValueError, "temperature"),
         (lambda: mpf.token_entropy(torch.zeros(3, 4), backend="cuda"), ValueError, "backend"),
         (lambda: mpf.token_entropy([1.0, 2.0]), TypeError, "must be a tensor"),
