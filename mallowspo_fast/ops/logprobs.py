@@ -16,23 +16,40 @@ BACKEND_ENV = "MALLOWSPO_FAST_BACKEND"
 
 
 class TokenLogprobs(NamedTuple):
-    """Per-token outputs, fp32, shape of ``labels``; masked positions hold 0."""
+    """Per-token outputs of :func:`token_logprobs`, fp32, shape of ``labels``; masked positions hold 0.
+
+    Attributes:
+        logps: [...] log-prob of each label, ``z[label] - logsumexp(z)``; differentiable.
+        entropy: [...] entropy of each position's distribution, ``logsumexp(z) - sum(softmax(z) * z)``;
+            differentiable.
+    """
 
     logps: torch.Tensor
     entropy: torch.Tensor
 
 
 class TokenEntropy(NamedTuple):
-    """Per-row outputs without labels, fp32, shape of ``logits.shape[:-1]``: the entropy and the
-    logsumexp of softmax(logits / temperature) at every position (nothing is masked)."""
+    """Per-row outputs without labels (:func:`token_entropy`, ``token_logprobs(logits, None)``), fp32,
+    shape of ``logits.shape[:-1]``; nothing is masked.
+
+    Attributes:
+        entropy: [...] entropy of softmax(logits / temperature) at every position; differentiable.
+        lse: [...] logsumexp(logits / temperature) at every position (e.g. for a z-loss); differentiable.
+    """
 
     entropy: torch.Tensor
     lse: torch.Tensor
 
 
 class SequenceLogprobs(NamedTuple):
-    """Per-sequence outputs: masked sum of log-probs [B], masked mean entropy [B] (0 when the
-    sequence has no tokens) and the token count [B] (int64)."""
+    """Per-sequence outputs of :func:`sequence_logprobs`.
+
+    Attributes:
+        logps: [B] fp32, sum of the unmasked tokens' log-probs; differentiable.
+        entropy: [B] fp32, mean entropy over the unmasked tokens (0 when the sequence has none);
+            differentiable.
+        num_tokens: [B] int64, the number of unmasked tokens; not differentiable.
+    """
 
     logps: torch.Tensor
     entropy: torch.Tensor
@@ -147,7 +164,7 @@ def token_logprobs(
             label outside [0, V) that is not ``ignore_index``; the message names the first bad position.
             On CUDA such a label gives NaN for its token instead (a check would be a host sync).
 
-    Example:
+    Examples:
         >>> out = token_logprobs(logits[:, :-1], input_ids[:, 1:].masked_fill(~mask, -100))
         >>> out.logps.sum(-1)
         >>> token_logprobs(logits, None).entropy  # every position, no labels
@@ -201,7 +218,7 @@ def token_entropy(
         TypeError: logits not a floating tensor of a supported dtype.
         ValueError: a 0-dim tensor, a temperature that is not a positive number, an unknown backend.
 
-    Example:
+    Examples:
         >>> ent = token_entropy(logits).entropy              # [B, T]
         >>> bonus = (ent * mask).sum() / mask.sum()
     """
@@ -232,14 +249,25 @@ def sequence_logprobs(
     """Per-sequence masked sums of token log-probs and masked mean entropies.
 
     Args:
-        logits: [B, T, V]; labels: [B, T] (see :func:`token_logprobs` for the other arguments).
+        logits: [B, T, V] float32/bfloat16/float16 (float64 accepted); any batch/time strides.
+        labels: [B, T] int64 (or int32), aligned with the logits; ``ignore_index`` marks prompt and
+            padding. Required: ``None`` raises (use :func:`token_entropy` for every position).
+        ignore_index: label value of masked positions.
+        temperature: positive, finite divisor of the logits.
+        backend: "triton", "torch", "reference" or None, as in :func:`token_logprobs`.
+        inplace_backward: opt-in; the backward writes the gradient into the logits buffer.
 
     Returns:
         SequenceLogprobs(logps [B] = sum over unmasked tokens, entropy [B] = mean over unmasked
         tokens (0 when there are none), num_tokens [B] int64). logps and entropy are fp32 and
         differentiable.
 
-    Example:
+    Raises:
+        TypeError: as :func:`token_logprobs` (dtypes of logits and labels).
+        ValueError: labels None, logits not 3-D, and the checks of :func:`token_logprobs` (shapes,
+            devices, temperature, backend, in-place on an expanded view, out-of-range labels on CPU).
+
+    Examples:
         >>> seq = sequence_logprobs(out.logits[:, :-1], labels[:, 1:])
         >>> chosen, rejected = seq.logps.chunk(2)
     """

@@ -56,14 +56,7 @@ CALLABLES = [e for e in _entries() if inspect.isfunction(_resolve(e)) or inspect
 
 # Docstrings of the logits-level op are being revised together with its labels=None mode; each entry
 # here must still fail the check below (remove it once its docstring is complete).
-KNOWN_INCOMPLETE = {
-    "mallowspo_fast.ops.logprobs.token_logprobs",
-    "mallowspo_fast.ops.logprobs.sequence_logprobs",
-    "mallowspo_fast.ops.logprobs.token_entropy",
-    "mallowspo_fast.ops.logprobs.TokenLogprobs",
-    "mallowspo_fast.ops.logprobs.TokenEntropy",
-    "mallowspo_fast.ops.logprobs.SequenceLogprobs",
-}
+KNOWN_INCOMPLETE: set[str] = set()
 
 
 def _problems(entry: str) -> list[str]:
