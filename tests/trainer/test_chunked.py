@@ -41,7 +41,8 @@ def test_chunked_trains_like_the_logits_path(pairs_file: Path, tokenizer_dir: Pa
     for mode in ("logits", "chunked"):
         extra = dict(logits_mode=mode, logits_chunk_size=5) if mode == "chunked" else {}
         out = tmp_path / mode
-        train(load_config(None, tiny_overrides(pairs_file, tokenizer_dir, out, **common, **extra)))
+        cfg = load_config(None, tiny_overrides(pairs_file, tokenizer_dir, out, **common, **extra))
+        train(cfg)
         runs[mode] = out
         if mode == "logits":
             assert calls["chunked"] == 0
@@ -51,7 +52,14 @@ def test_chunked_trains_like_the_logits_path(pairs_file: Path, tokenizer_dir: Pa
     for step in got:
         for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
                     "dispersion/neg_log_mean", "grad_norm"):
-            assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=1e-5), (step, key)
+            abs_tol = 1e-5
+            if key == "rewards/margins":
+                # A margin is a difference of beta-scaled sums of log-probs that nearly cancel: the two paths
+                # sum the logits' matmul in different orders, so its error scales with the summands, not with
+                # the (small) margin itself. Allow rel 1e-5 of the summands (the log-probs agree far better).
+                abs_tol = max(abs_tol, 1e-5 * cfg.beta * (abs(want[step]["logps/chosen"])
+                                                          + abs(want[step]["logps/rejected"])))
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=abs_tol), (step, key)
     assert got[4]["loss"] != pytest.approx(got[1]["loss"], abs=1e-3)  # training moved
 
     # The export of a chunked run is an ordinary Hugging Face model with the usual keys and tying.
@@ -61,8 +69,13 @@ def test_chunked_trains_like_the_logits_path(pairs_file: Path, tokenizer_dir: Pa
     assert (a.get_output_embeddings().weight.data_ptr() == a.get_input_embeddings().weight.data_ptr()) is tied
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
+    # Adam scales every element's step to about the learning rate, so an element whose gradient is at roundoff
+    # level in both runs (the logits' matmul summed in another order) can move by a fraction of lr differently;
+    # observed here: 1 element of 9600 off by 1.1e-4 with lr 5e-3. An error of the chunked head itself would
+    # show in the per-step metrics above, compared tightly.
+    atol = 0.1 * cfg.learning_rate
     for key in sa:
-        torch.testing.assert_close(sa[key], sb[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(sa[key], sb[key], rtol=1e-4, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_chunked_resumes_from_its_checkpoint(pairs_file: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
