@@ -416,9 +416,12 @@ def _child_env(spec: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def run_isolated(spec: dict[str, Any], timeout_s: float = 1800.0) -> Result:
-    """Run one case in a fresh interpreter; a failure gives status "error" with the reason."""
-    cmd = [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)]
+def run_isolated(spec: dict[str, Any], timeout_s: float = 1800.0, command: list[str] | None = None) -> Result:
+    """Run one case in a fresh interpreter; a failure gives status "error" with the reason.
+
+    ``command`` (default ``python -m benchmarks.worker '<spec json>'``) must print ``RESULT_MARKER`` + the
+    result as JSON, as ``benchmarks.worker`` does."""
+    cmd = command or [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(spec), timeout=timeout_s)
     except subprocess.TimeoutExpired:

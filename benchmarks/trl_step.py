@@ -19,15 +19,13 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from typing import Any
 
 import torch
 
-from .harness import RESULT_MARKER, Case, Result, default_device, log, run_in_process
+from .harness import RESULT_MARKER, Case, Result, default_device, log, run_in_process, run_isolated
 from .report import write_report
 
 PROVIDERS = ("trl", "ours")
@@ -108,21 +106,8 @@ def build_case(spec: dict[str, Any]) -> Case:
 
 def _run_isolated(spec: dict[str, Any], timeout_s: float = 1800.0) -> Result:
     """One case in a fresh interpreter (``python -m benchmarks.trl_step --case '<json>'``)."""
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-m", "benchmarks.trl_step", "--case", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return Result(spec, "error", notes=f"timed out after {timeout_s:.0f} s")
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_MARKER):
-            data = json.loads(line[len(RESULT_MARKER):])
-            data["spec"] = spec
-            return Result(**data)
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return Result(spec, "error", notes=f"exit {proc.returncode}: " + " | ".join(tail)[-300:])
+    return run_isolated(spec, timeout_s, command=[sys.executable, "-m", "benchmarks.trl_step", "--case",
+                                                  json.dumps(spec)])
 
 
 def _case_main(spec_json: str) -> int:

@@ -124,6 +124,22 @@ def first_number(cell: str) -> float:
     return float(m.group(0).replace(",", ""))
 
 
+
+def resolve(path: str) -> object:
+    """The object a dotted API-reference path names (module, then attributes)."""
+    import importlib
+
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise AssertionError(f"cannot import {path}")
+
 def config_reference_tables() -> str:
     """The config reference tables, one per group, from the config dataclass."""
     from mallowspo_fast.trainer.config import describe_fields

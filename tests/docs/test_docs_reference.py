@@ -8,7 +8,7 @@ import re
 from types import SimpleNamespace
 
 import yaml
-from docs_helpers import DOCS, README, ROOT, config_reference_tables, pages, read, rel
+from docs_helpers import DOCS, README, ROOT, config_reference_tables, pages, read, rel, resolve
 
 import mallowspo_fast as mpf
 
@@ -56,20 +56,6 @@ def _api_entries() -> set[str]:
     return entries
 
 
-def _resolve(path: str) -> object:
-    import importlib
-
-    parts = path.split(".")
-    for i in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ModuleNotFoundError:
-            continue
-        for attr in parts[i:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise AssertionError(f"cannot import {path}")
-
 
 def test_every_public_name_has_an_api_entry() -> None:
     from mallowspo_fast import data, trainer
@@ -83,12 +69,12 @@ def test_every_public_name_has_an_api_entry() -> None:
     assert not missing, f"public names without an API reference entry (`::: ...` in docs/api/): {missing}"
     # ... and each entry documents that very object (not a namesake).
     for public, name in wanted.items():
-        assert _resolve(by_last[name]) is _resolve(public), (public, by_last[name])
+        assert resolve(by_last[name]) is resolve(public), (public, by_last[name])
 
 
-def test_api_entries_resolve() -> None:
+def test_api_entriesresolve() -> None:
     for entry in _api_entries():
-        _resolve(entry)
+        resolve(entry)
 
 
 def test_cli_entry_points_have_api_entries() -> None:
@@ -96,7 +82,7 @@ def test_cli_entry_points_have_api_entries() -> None:
     assert {"mallowspo_fast.trainer.cli.main", "mallowspo_fast.data.cli.main"} <= entries, entries
 
 
-def test_readme_links_resolve() -> None:
+def test_readme_linksresolve() -> None:
     text = read(README)
     links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
     assert links

@@ -7,7 +7,7 @@ import inspect
 import re
 
 import pytest
-from docs_helpers import DOCS, read
+from docs_helpers import DOCS, read, resolve
 
 SECTION = re.compile(r"^(\w[\w ]*):\s*$")
 
@@ -21,20 +21,6 @@ def _entries() -> list[str]:
             entries += [f"{m.group(1)}.{n}" for n in re.findall(r"- (\w+)", m.group(2))]
     return entries
 
-
-def _resolve(path: str) -> object:
-    import importlib
-
-    parts = path.split(".")
-    for i in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ModuleNotFoundError:
-            continue
-        for attr in parts[i:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise AssertionError(path)
 
 
 def _sections(doc: str) -> dict[str, list[str]]:
@@ -52,7 +38,7 @@ def _sections(doc: str) -> dict[str, list[str]]:
     return out
 
 
-CALLABLES = [e for e in _entries() if inspect.isfunction(_resolve(e)) or inspect.isclass(_resolve(e))]
+CALLABLES = [e for e in _entries() if inspect.isfunction(resolve(e)) or inspect.isclass(resolve(e))]
 
 # Docstrings of the logits-level op are being revised together with its labels=None mode; each entry
 # here must still fail the check below (remove it once its docstring is complete).
@@ -60,7 +46,7 @@ KNOWN_INCOMPLETE: set[str] = set()
 
 
 def _problems(entry: str) -> list[str]:
-    obj = _resolve(entry)
+    obj = resolve(entry)
     doc = inspect.getdoc(obj) or ""
     sections = _sections(doc)
     problems = []
@@ -96,7 +82,7 @@ def test_raises_sections_of_functions() -> None:
     """Functions that check their arguments say what they raise."""
     missing = []
     for entry in CALLABLES:
-        obj = _resolve(entry)
+        obj = resolve(entry)
         if entry in KNOWN_INCOMPLETE or not inspect.isfunction(obj):
             continue
         source = inspect.getsource(obj)
