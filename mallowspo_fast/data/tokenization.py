@@ -216,7 +216,8 @@ def _streamed_row(row: dict, rows: _RowTokenizer, keys: Sequence[str]) -> dict:
 CHECKSUM_SUFFIX = ".checksums.json"
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (cache and checkpoint checksums)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -254,7 +255,7 @@ def cache_problem(checksums: Path, files: list[Path], fingerprint: str) -> str |
         size = f.stat().st_size
         if size != entry["size"]:
             return f"{f.name} has {size} bytes, expected {entry['size']} (truncated or replaced)"
-        if _sha256_file(f) != entry["sha256"]:
+        if sha256_file(f) != entry["sha256"]:
             return f"{f.name} does not match its sha256 checksum (a foreign or damaged file)"
     return None
 
@@ -264,7 +265,7 @@ def _write_checksums(checksums: Path, result: datasets.Dataset, fingerprint: str
         f"cache-{fingerprint}")]
     if not files:
         return
-    entries = {f.name: {"size": f.stat().st_size, "sha256": _sha256_file(f)} for f in files}
+    entries = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in files}
     tmp = checksums.with_name(checksums.name + ".tmp")
     tmp.write_text(json.dumps({"key": fingerprint, "files": entries}, indent=1), encoding="utf-8")
     os.replace(tmp, checksums)

@@ -25,7 +25,6 @@ for a streamed split, epoch and rows read in the epoch), consumed samples, token
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.tokenization import sha256_file
 from .faults import FAULT_ENV, fault_point
 from .launch import DistState, barrier
 
@@ -101,14 +101,6 @@ def _write_durably(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file())
 
@@ -120,7 +112,7 @@ def build_manifest(directory: Path) -> dict[str, Any]:
         if p.name == MANIFEST:
             continue
         size = p.stat().st_size
-        files[p.relative_to(directory).as_posix()] = {"size": size, **({"sha256": _sha256(p)}
+        files[p.relative_to(directory).as_posix()] = {"size": size, **({"sha256": sha256_file(p)}
                                                                         if size <= HASH_LIMIT else {})}
     return {"version": 1, "hash_limit": HASH_LIMIT, "files": files}
 
@@ -149,7 +141,7 @@ def verify(path: Path) -> list[str]:
         size = p.stat().st_size
         if size != entry["size"]:
             problems.append(f"{name} has {size} bytes, expected {entry['size']}")
-        elif "sha256" in entry and _sha256(p) != entry["sha256"]:
+        elif "sha256" in entry and sha256_file(p) != entry["sha256"]:
             problems.append(f"{name} does not match its sha256 checksum")
     return problems
 
