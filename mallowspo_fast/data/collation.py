@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from ..ops.logprobs import IGNORE_INDEX  # the one definition (re-exported by mallowspo_fast.data)
+
 # Precomputed per-example reference values travel with the batch (trainer's precompute_ref_log_probs).
 REF_PREFIX = "ref_"
 

@@ -2,6 +2,7 @@
 
 from .linear import linear_sequence_logprobs, linear_token_logprobs
 from .logprobs import (
+    IGNORE_INDEX,
     SequenceLogprobs,
     TokenEntropy,
     TokenLogprobs,
@@ -10,6 +11,6 @@ from .logprobs import (
     token_logprobs,
 )
 
-__all__ = ["TokenLogprobs", "TokenEntropy", "SequenceLogprobs", "token_logprobs", "token_entropy",
+__all__ = ["IGNORE_INDEX", "TokenLogprobs", "TokenEntropy", "SequenceLogprobs", "token_logprobs", "token_entropy",
            "sequence_logprobs",
            "linear_token_logprobs", "linear_sequence_logprobs"]

@@ -13,6 +13,9 @@ from .naive import naive_sequence_logprobs, naive_token_entropy, naive_token_log
 
 BACKENDS = ("triton", "torch", "reference")
 BACKEND_ENV = "MALLOWSPO_FAST_BACKEND"
+# Label value of positions that do not count (prompt, padding): the convention of PyTorch's cross-entropy,
+# Hugging Face and TRL. The one definition of the library; every layer imports it from here.
+IGNORE_INDEX = -100
 
 
 class TokenLogprobs(NamedTuple):
@@ -57,13 +60,16 @@ class SequenceLogprobs(NamedTuple):
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """``backend`` argument > ``MALLOWSPO_FAST_BACKEND`` > triton on CUDA, torch elsewhere."""
+    """``backend`` argument > ``MALLOWSPO_FAST_BACKEND`` > triton on CUDA, torch elsewhere. ``"auto"`` (the
+    trainer's config value) means the same as None."""
+    if backend == "auto":
+        backend = None
     if backend is None:
         backend = os.environ.get(BACKEND_ENV) or None
     if backend is None:
         return "triton" if device.type == "cuda" else "torch"
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        raise ValueError(f"backend must be one of {BACKENDS}, 'auto' or None, got {backend!r}")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got device {device}); on CPU set TRITON_INTERPRET=1 "
@@ -128,7 +134,7 @@ def token_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor | None,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     temperature: float = 1.0,
     backend: str | None = None,
     inplace_backward: bool = False,
@@ -241,7 +247,7 @@ def sequence_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     temperature: float = 1.0,
     backend: str | None = None,
     inplace_backward: bool = False,
