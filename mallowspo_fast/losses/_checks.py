@@ -67,3 +67,12 @@ def per_example_or_scalar(x: object, name: str, where: str, ref: torch.Tensor) -
     if x.device != ref.device:
         raise ValueError(f"{where}: {name} is on {x.device} but the log-probs are on {ref.device}")
     return x.to(ref.dtype)
+
+
+def non_empty(x: torch.Tensor, name: str, where: str, *, unit: str = "pair") -> None:
+    """At least one example: the mean over an empty batch would be a silent NaN."""
+    if x.numel() == 0:
+        raise ValueError(
+            f"{where}: {name} is empty (shape {tuple(x.shape)}); expected at least one {unit} (B >= 1), "
+            "the mean loss over an empty batch is undefined"
+        )

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import batch_tensor, per_example_or_scalar, real_number, same_batch
+from ._checks import batch_tensor, non_empty, per_example_or_scalar, real_number, same_batch
 from .preference import PreferenceLossOutput, sequence_nll
 
 __all__ = ["KTOLossOutput", "kto_loss", "orpo_loss"]
@@ -85,6 +85,7 @@ def kto_loss(
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.bool:
         raise TypeError(f"{where}: labels must be a bool tensor [B] (True = desirable), got {labels!r}")
     same_batch(where, "policy_logps", pol, ref_logps=ref, labels=labels)
+    non_empty(pol, "policy_logps", where, unit="row")
 
     if kl is not None:
         if policy_kl_logps is not None or ref_kl_logps is not None:
@@ -171,6 +172,7 @@ def orpo_loss(
     batch_tensor(rejected_num_tokens, "rejected_num_tokens", where, floating=False)
     same_batch(where, "policy_chosen_logps", pw, policy_rejected_logps=pl, chosen_num_tokens=chosen_num_tokens,
                rejected_num_tokens=rejected_num_tokens)
+    non_empty(pw, "policy_chosen_logps", where)
 
     # ā = 0 (probability 1) would make log(1 − e^ā) = −inf; the clamp keeps it finite.
     ceiling = -torch.finfo(pw.dtype).eps

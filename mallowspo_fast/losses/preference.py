@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import batch_tensor, per_example_or_scalar, real_number, same_batch
+from ._checks import batch_tensor, non_empty, per_example_or_scalar, real_number, same_batch
 from .phi_link import mallows_phi_link_nll
 
 __all__ = ["LOSS_TYPES", "PreferenceLossOutput", "preference_loss"]
@@ -195,6 +195,7 @@ def preference_loss(
     pw = batch_tensor(policy_chosen_logps, "policy_chosen_logps", where)
     pl = batch_tensor(policy_rejected_logps, "policy_rejected_logps", where)
     same_batch(where, "policy_chosen_logps", pw, policy_rejected_logps=pl)
+    non_empty(pw, "policy_chosen_logps", where)
     dtype = pw.dtype
     pl = pl.to(dtype)
 
