@@ -6,6 +6,7 @@ the reference, token counts, and the dispersion c(x). Nothing here knows about m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -17,7 +18,8 @@ from .phi_link import mallows_phi_link_nll
 
 __all__ = ["LOSS_TYPES", "PreferenceLossOutput", "preference_loss"]
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "mallows_theta", "mallows_phi", "mallows_ipo")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "cauchy", "mallows_theta", "mallows_phi",
+              "mallows_ipo")
 _MALLOWS = frozenset({"mallows_theta", "mallows_phi", "mallows_ipo"})
 _REFERENCE_FREE = frozenset({"simpo"})  # never read reference log-probs
 _ALWAYS_LENGTH_NORMALISED = frozenset({"ipo", "simpo"})  # TRL conventions
@@ -76,6 +78,22 @@ def _smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
     return loss if eps == 0.0 else (1.0 - eps) * loss + eps * F.softplus(z)
 
 
+def _cauchy_nll(z: torch.Tensor) -> torch.Tensor:
+    """−log F(z) with F(z) = atan(z)/π + ½ the Cauchy CDF (the official ``cauchy`` loss at z = β·L).
+
+    The official expression cancels: for z ≪ 0, atan(z)/π + ½ is a difference of two numbers near ½ (in
+    float32 the loss is off by 0.2% at z = −1e6 and infinite at z = −1e8), and for z ≫ 0 the log of a
+    number near 1 loses the loss's relative precision (0 at z = 1e8). Exactly, F(z) = atan2(1, −z)/π and,
+    for z > 0, 1 − F(z) = atan2(1, z)/π, so z ≤ 0 uses log π − log atan2(1, −z) (≈ log(π|z|)) and z > 0
+    uses −log1p(−atan2(1, z)/π) (≈ 1/(πz)). Each branch sees a clamped input, so neither produces inf or
+    NaN in value or gradient on the side it does not serve.
+    """
+    one = torch.ones_like(z)
+    left = math.log(math.pi) - torch.log(torch.atan2(one, -z.clamp(max=0.0)))
+    right = -torch.log1p(-torch.atan2(one, z.clamp(min=0.0)) / math.pi)
+    return torch.where(z > 0, right, left)
+
+
 def preference_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -118,6 +136,8 @@ def preference_loss(
     robust            [(1−ε)·softplus(−βL) − ε·softplus(βL)] / (1−2ε), 0 ≤ ε < ½
     simpo             (1−ε)·softplus(−m) + ε·softplus(m), m = β(ā_w − ā_l) − simpo_gamma, ā the
                       length-normalised policy log-probs; ignores reference, γ and α (TRL's CPO form)
+    cauchy            −log(atan(βL)/π + ½)                        (official ``cauchy``: the Cauchy
+                      CDF as the link, heavy-tailed; evaluated without cancellation; ε unused)
     mallows_theta     (1−ε)·softplus(−β·c·L) + ε·softplus(β·c·L)  (official ``mallows_dpo``)
     mallows_phi       −log g_φ(β·L), φ = exp(−c), the Kendall link (s = 0 taken on the right branch)
     mallows_ipo       (c·L − 1/(2β))²                             (official ``mallows_ipo``)
@@ -139,7 +159,8 @@ def preference_loss(
         ref_rejected_logps: [B] the same for the rejected answers.
         loss_type: one of LOSS_TYPES, or a list of them (then see ``loss_weights``).
         beta: β > 0.
-        label_smoothing: ε in [0, 1] (sigmoid, simpo, mallows_theta); [0, ½) for robust.
+        label_smoothing: ε in [0, 1] (sigmoid, simpo, mallows_theta); [0, ½) for robust; unused by the
+            other losses.
         neg_log_dispersion: c [B] (or a scalar) from :func:`neg_log_dispersion`; required by the
             mallows_* losses, a constant (detached). c ≡ 1 makes mallows_theta equal sigmoid.
         chosen_num_tokens: [B] integer response token counts of the chosen answers; required by ipo,
@@ -269,6 +290,8 @@ def preference_loss(
             elif t == "robust":
                 eps = label_smoothing
                 per_pair = ((1.0 - eps) * F.softplus(-beta * L) - eps * F.softplus(beta * L)) / (1.0 - 2.0 * eps)
+            elif t == "cauchy":
+                per_pair = _cauchy_nll(beta * L)
             elif t == "mallows_theta":
                 # c > 0 multiplies the margin: the argument of σ is +β·c·L (the seed draft had −).
                 per_pair = _smoothed_sigmoid(beta * c * L, label_smoothing)
