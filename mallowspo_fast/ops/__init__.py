@@ -6,11 +6,12 @@ from .logprobs import (
     SequenceLogprobs,
     TokenEntropy,
     TokenLogprobs,
+    TokenStats,
     sequence_logprobs,
     token_entropy,
     token_logprobs,
 )
 
-__all__ = ["IGNORE_INDEX", "TokenLogprobs", "TokenEntropy", "SequenceLogprobs", "token_logprobs", "token_entropy",
+__all__ = ["IGNORE_INDEX", "TokenLogprobs", "TokenEntropy", "SequenceLogprobs", "TokenStats", "token_logprobs", "token_entropy",
            "sequence_logprobs",
            "linear_token_logprobs", "linear_sequence_logprobs"]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import os
-from math import inf
 from typing import NamedTuple
 
 import torch
 
-from .naive import naive_sequence_logprobs, naive_token_entropy, naive_token_logprobs
+from .functions import SequenceLogprobsFunction, TokenLogprobsFunction
+from .naive import naive_sequence_logprobs, naive_token_entropy, naive_token_logprobs, naive_token_stats
+from .torch_rows import compute_dtype
+from .transform import LogitTransform
 
 BACKENDS = ("triton", "torch", "reference")
 BACKEND_ENV = "MALLOWSPO_FAST_BACKEND"
@@ -19,7 +21,8 @@ IGNORE_INDEX = -100
 
 
 class TokenLogprobs(NamedTuple):
-    """Per-token outputs of :func:`token_logprobs`, fp32, shape of ``labels``; masked positions hold 0.
+    """Per-token outputs of :func:`token_logprobs`, shape of ``labels``; masked positions hold 0. fp32 (float64
+    for float64 logits).
 
     Attributes:
         logps: [...] log-prob of each label, ``z[label] - logsumexp(z)``; differentiable.
@@ -32,8 +35,8 @@ class TokenLogprobs(NamedTuple):
 
 
 class TokenEntropy(NamedTuple):
-    """Per-row outputs without labels (:func:`token_entropy`, ``token_logprobs(logits, None)``), fp32,
-    shape of ``logits.shape[:-1]``; nothing is masked.
+    """Per-row outputs without labels (:func:`token_entropy`, ``token_logprobs(logits, None)``), fp32 (float64
+    for float64 logits), shape of ``logits.shape[:-1]``; nothing is masked.
 
     Attributes:
         entropy: [...] entropy of softmax(logits / temperature) at every position; differentiable.
@@ -48,15 +51,37 @@ class SequenceLogprobs(NamedTuple):
     """Per-sequence outputs of :func:`sequence_logprobs`.
 
     Attributes:
-        logps: [B] fp32, sum of the unmasked tokens' log-probs; differentiable.
-        entropy: [B] fp32, mean entropy over the unmasked tokens (0 when the sequence has none);
-            differentiable.
+        logps: [B] fp32 (float64 for float64 logits), sum of the unmasked tokens' log-probs; differentiable.
+        entropy: [B] fp32 (float64 for float64 logits), mean entropy over the unmasked tokens (0 when the
+            sequence has none); differentiable.
         num_tokens: [B] int64, the number of unmasked tokens; not differentiable.
     """
 
     logps: torch.Tensor
     entropy: torch.Tensor
     num_tokens: torch.Tensor
+
+
+class TokenStats(NamedTuple):
+    """Per-token outputs with ``return_stats=True``: one pass computes them all. Shape of ``labels`` (of
+    ``logits.shape[:-1]`` without labels), fp32 (float64 for float64 logits); masked positions hold 0 (False).
+
+    Attributes:
+        logps: [...] log-prob of each label; differentiable. None without labels.
+        entropy: [...] entropy of each position's distribution; differentiable.
+        log_sum_sq_probs: [...] log Σ_v p_v², the per-token term of WPO's weights; not differentiable.
+        mean_logits: [...] mean over the vocabulary of the (transformed) logits; not differentiable.
+        is_top1: [...] bool, whether the label is the argmax of the logits (the first index wins on ties,
+            as ``argmax``); None without labels.
+        lse: [...] logsumexp of every position, differentiable; only without labels (None otherwise).
+    """
+
+    logps: torch.Tensor | None
+    entropy: torch.Tensor
+    log_sum_sq_probs: torch.Tensor
+    mean_logits: torch.Tensor
+    is_top1: torch.Tensor | None
+    lse: torch.Tensor | None = None
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
@@ -78,21 +103,20 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return backend
 
 
-def _validate(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float, where: str) -> None:
-    if labels is None:
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError(f"{where}: logits must be a tensor, got {type(logits)}")
-        if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            raise TypeError(f"{where}: logits must be float32/bfloat16/float16/float64, got {logits.dtype}")
-        if logits.dim() < 1 or logits.shape[-1] == 0:
-            raise ValueError(f"{where}: expected logits [..., V] with V >= 1, got shape {tuple(logits.shape)}")
-        if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and 0 < temperature < inf):
-            raise ValueError(f"{where}: temperature must be a positive finite number, got {temperature!r}")
-        return
-    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{where}: logits and labels must be tensors, got {type(logits)} and {type(labels)}")
+def _validate(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float, where: str,
+              softcap: float | None = None, logit_scale: float = 1.0) -> LogitTransform:
+    """Check the arguments shared by the logits-level ops; returns their logit transform."""
+    if labels is None and not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{where}: logits must be a tensor, got {type(logits).__name__}")
+    if not isinstance(logits, torch.Tensor) or (labels is not None and not isinstance(labels, torch.Tensor)):
+        raise TypeError(f"{where}: logits and labels must be tensors, got {type(logits).__name__} and "
+                        f"{type(labels).__name__}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise TypeError(f"{where}: logits must be float32/bfloat16/float16/float64, got {logits.dtype}")
+    if labels is None:
+        if logits.dim() < 1 or logits.shape[-1] == 0:
+            raise ValueError(f"{where}: expected logits [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+        return LogitTransform.checked(temperature, softcap, logit_scale, where)
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{where}: labels must be int64 (or int32), got {labels.dtype}")
     if logits.dim() < 1 or tuple(logits.shape[:-1]) != tuple(labels.shape):
@@ -102,10 +126,10 @@ def _validate(logits: torch.Tensor, labels: torch.Tensor | None, temperature: fl
         )
     if logits.device != labels.device:
         raise ValueError(f"{where}: logits on {logits.device} but labels on {labels.device}")
-    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and 0 < temperature < inf):
-        raise ValueError(f"{where}: temperature must be a positive finite number, got {temperature!r}")
+    transform = LogitTransform.checked(temperature, softcap, logit_scale, where)
     if logits.shape[-1] == 0:
         raise ValueError(f"{where}: logits {tuple(logits.shape)} have an empty vocabulary dimension (V = 0)")
+    return transform
 
 
 def check_inplace(logits: torch.Tensor, inplace_backward: bool, where: str) -> None:
@@ -118,10 +142,15 @@ def check_inplace(logits: torch.Tensor, inplace_backward: bool, where: str) -> N
 
 def check_labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: int, where: str) -> None:
     """Raise on labels outside [0, V) that are not ignore_index. Only on CPU: on CUDA this would be a
-    host sync, so the kernels instead give NaN for such tokens and never read out of bounds."""
+    host sync, so the kernels instead give NaN for such tokens and never read out of bounds. Inside a
+    ``torch.compile`` graph the check is an asynchronous assertion (a RuntimeError without the position,
+    and no graph break)."""
     if labels.device.type != "cpu" or labels.numel() == 0:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"{where}: labels must lie in [0, {vocab_size}) or equal ignore_index")
+        return
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0].tolist())
         raise ValueError(
@@ -136,39 +165,51 @@ def token_logprobs(
     *,
     ignore_index: int = IGNORE_INDEX,
     temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     backend: str | None = None,
     inplace_backward: bool = False,
-) -> TokenLogprobs | TokenEntropy:
+    return_stats: bool = False,
+) -> TokenLogprobs | TokenEntropy | TokenStats:
     """Token log-probs of the labels and token entropies, in one pass over the logits.
 
-    With z = logits / temperature: ``logps = z[label] - logsumexp(z)`` and
-    ``entropy = logsumexp(z) - sum(softmax(z) * z)`` (natural log), both fp32 whatever the input dtype.
+    With z = logit_scale · logits / temperature (with a soft cap: ``z = softcap · tanh(logit_scale ·
+    logits / softcap) / temperature``): ``logps = z[label] - logsumexp(z)`` and
+    ``entropy = logsumexp(z) - sum(softmax(z) * z)`` (natural log), in fp32 whatever the input dtype (float64
+    logits are computed and returned in float64).
 
     Args:
-        logits: [..., V] float32/bfloat16/float16 (float64 is accepted and computed in fp32 on the
-            fused paths); any row stride (e.g. the shifted view ``logits[:, :-1]`` works without a copy).
+        logits: [..., V] float32/bfloat16/float16/float64; any row stride (e.g. the shifted view
+            ``logits[:, :-1]`` works without a copy).
         labels: [...] int64 (or int32), already aligned with the logits (the caller shifts). Positions
             equal to ``ignore_index`` are masked: they give 0, get zero gradient and are not read.
             ``None``: no labels; the same single pass returns the entropy and the logsumexp of every
             position (what PPO/GRPO entropy bonuses and z-losses use), see :func:`token_entropy`.
         ignore_index: label value of masked positions.
         temperature: positive divisor of the logits.
-        backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked pure PyTorch, any
-            device), "reference" (naive eager) or None (triton on CUDA, torch elsewhere; the
-            environment variable MALLOWSPO_FAST_BACKEND overrides).
+        softcap: optional soft cap of the logits (Gemma-2/3's ``final_logit_softcapping``).
+        logit_scale: multiplier of the logits applied first (Cohere's ``logit_scale``, Granite's
+            ``1 / logits_scaling``, ...).
+        backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (pure PyTorch, any device),
+            "reference" (naive eager) or None / "auto" (triton on CUDA, torch elsewhere; the environment
+            variable MALLOWSPO_FAST_BACKEND overrides).
         inplace_backward: opt-in; the backward writes the gradient into the logits buffer (only safe
             when nothing else needs the logits afterwards).
+        return_stats: also return log Σp², the mean logit and whether the label is the top-1 token, from
+            the same pass, as :class:`TokenStats`.
 
     Returns:
-        TokenLogprobs(logps [...], entropy [...]), fp32, differentiable in both; with ``labels=None``
-        TokenEntropy(entropy [...], lse [...]), fp32, differentiable in both.
+        TokenLogprobs(logps [...], entropy [...]), differentiable in both; with ``labels=None``
+        TokenEntropy(entropy [...], lse [...]), differentiable in both; with ``return_stats``
+        :class:`TokenStats`. Each output is its own tensor (in-place edits are fine).
 
     Raises:
         TypeError: logits not a floating tensor of a supported dtype, labels not int64/int32.
-        ValueError: shapes that do not match, logits and labels on different devices, a temperature
-            that is not a positive number, an unknown backend, or (on CPU, where the check is free) a
-            label outside [0, V) that is not ``ignore_index``; the message names the first bad position.
-            On CUDA such a label gives NaN for its token instead (a check would be a host sync).
+        ValueError: shapes that do not match, logits and labels on different devices, a temperature or
+            soft cap that is not a positive number, a zero or non-finite logit scale, an unknown backend,
+            or (on CPU, where the check is free) a label outside [0, V) that is not ``ignore_index``; the
+            message names the first bad position. On CUDA such a label gives NaN for its token instead (a
+            check would be a host sync); inside ``torch.compile`` on CPU it raises a RuntimeError.
 
     Examples:
         >>> out = token_logprobs(logits[:, :-1], input_ids[:, 1:].masked_fill(~mask, -100))
@@ -176,71 +217,85 @@ def token_logprobs(
         >>> token_logprobs(logits, None).entropy  # every position, no labels
     """
     if labels is None:
-        return token_entropy(logits, temperature=temperature, backend=backend, inplace_backward=inplace_backward)
-    _validate(logits, labels, temperature, "token_logprobs")
+        return token_entropy(logits, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                             backend=backend, inplace_backward=inplace_backward, return_stats=return_stats)
+    transform = _validate(logits, labels, temperature, "token_logprobs", softcap, logit_scale)
     check_inplace(logits, inplace_backward, "token_logprobs")
     labels = labels.long()
     be = resolve_backend(backend, logits.device)
     check_labels_in_range(labels, logits.shape[-1], ignore_index, "token_logprobs")
     if be == "reference":
-        logps, entropy = naive_token_logprobs(logits, labels, ignore_index, temperature)
-        return TokenLogprobs(logps, entropy)
+        cdt = compute_dtype(logits.dtype)
+        if return_stats:
+            with torch.no_grad():
+                _, _, sq, mean, top1 = naive_token_stats(logits, labels, ignore_index, transform, cdt)
+        logps, entropy = naive_token_logprobs(logits, labels, ignore_index, compute_dtype=cdt, transform=transform)
+        return TokenStats(logps, entropy, sq, mean, top1) if return_stats else TokenLogprobs(logps, entropy)
     lead = labels.shape
     logits3d, labels2d = _as_3d(logits, labels)
-    if be == "torch":
-        from .torch_path import torch_token_logprobs as impl
-    else:
-        from .triton_path import triton_token_logprobs as impl
-    logps, entropy = impl(logits3d, labels2d, ignore_index, temperature, inplace_backward)
-    return TokenLogprobs(logps.reshape(lead), entropy.reshape(lead))
+    outs = TokenLogprobsFunction.apply(logits3d, labels2d, int(ignore_index), transform, bool(inplace_backward),
+                                       bool(return_stats), be)
+    outs = [t.view(lead) for t in outs]
+    return TokenStats(outs[0], outs[1], outs[2], outs[3], outs[4]) if return_stats else TokenLogprobs(*outs)
 
 
 def token_entropy(
     logits: torch.Tensor,
     *,
     temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     backend: str | None = None,
     inplace_backward: bool = False,
-) -> TokenEntropy:
+    return_stats: bool = False,
+) -> TokenEntropy | TokenStats:
     """Entropy and logsumexp of every position, in one pass over the logits (no labels, no mask).
 
-    With z = logits / temperature: ``entropy = logsumexp(z) - sum(softmax(z) * z)`` and
-    ``lse = logsumexp(z)`` (natural log), fp32 whatever the input dtype. The same kernels as
-    :func:`token_logprobs` with the label gather compiled away: the forward reads each logit once and
-    the backward reads each once and writes each gradient element once,
-    ``dL/dz_j = p_j·(dL/dlse − dL/dH·(log p_j + H)) / T``. Equivalent to ``token_logprobs(logits, None)``.
+    With z the transformed logits (as in :func:`token_logprobs`): ``entropy = logsumexp(z) - sum(softmax(z)
+    * z)`` and ``lse = logsumexp(z)`` (natural log), fp32 whatever the input dtype (float64 logits: float64).
+    The same kernels as :func:`token_logprobs` with the label gather compiled away: the forward reads each
+    logit once and the backward reads each once and writes each gradient element once,
+    ``dL/dz_j = p_j·(dL/dlse − dL/dH·(log p_j + H))``. Equivalent to ``token_logprobs(logits, None)``.
 
     Args:
-        logits: [..., V] float32/bfloat16/float16 (float64 accepted); any row stride.
+        logits: [..., V] float32/bfloat16/float16/float64; any row stride.
         temperature: positive divisor of the logits.
+        softcap: optional soft cap of the logits, as in :func:`token_logprobs`.
+        logit_scale: multiplier of the logits applied first, as in :func:`token_logprobs`.
         backend: "triton", "torch", "reference" or None, as in :func:`token_logprobs`.
         inplace_backward: opt-in; the backward writes the gradient into the logits buffer.
+        return_stats: also return log Σp² and the mean logit of every position (:class:`TokenStats` with
+            ``logps`` and ``is_top1`` None).
 
     Returns:
-        TokenEntropy(entropy [...], lse [...]), fp32, differentiable in both. A row whose logits are all
-        -inf has no distribution and gives NaN.
+        TokenEntropy(entropy [...], lse [...]), differentiable in both (TokenStats with ``return_stats``). A
+        row whose logits are all -inf has no distribution and gives NaN.
 
     Raises:
         TypeError: logits not a floating tensor of a supported dtype.
-        ValueError: a 0-dim tensor, a temperature that is not a positive number, an unknown backend.
+        ValueError: a 0-dim tensor, a temperature or soft cap that is not a positive number, a zero logit
+            scale, an unknown backend.
 
     Examples:
         >>> ent = token_entropy(logits).entropy              # [B, T]
         >>> bonus = (ent * mask).sum() / mask.sum()
     """
-    _validate(logits, None, temperature, "token_entropy")
+    transform = _validate(logits, None, temperature, "token_entropy", softcap, logit_scale)
     check_inplace(logits, inplace_backward, "token_entropy")
     be = resolve_backend(backend, logits.device)
     if be == "reference":
-        return TokenEntropy(*naive_token_entropy(logits, temperature))
+        cdt = compute_dtype(logits.dtype)
+        entropy, lse = naive_token_entropy(logits, compute_dtype=cdt, transform=transform)
+        if not return_stats:
+            return TokenEntropy(entropy, lse)
+        with torch.no_grad():
+            _, _, sq, mean, _ = naive_token_stats(logits, None, transform=transform, compute_dtype=cdt)
+        return TokenStats(None, entropy, sq, mean, None, lse)
     lead = logits.shape[:-1]
     logits3d, _ = _as_3d(logits, None)
-    if be == "torch":
-        from .torch_entropy import torch_token_entropy as impl
-    else:
-        from .triton_path import triton_token_entropy as impl
-    entropy, lse = impl(logits3d, temperature, inplace_backward)
-    return TokenEntropy(entropy.reshape(lead), lse.reshape(lead))
+    outs = TokenLogprobsFunction.apply(logits3d, None, 0, transform, bool(inplace_backward), bool(return_stats), be)
+    outs = [t.view(lead) for t in outs]
+    return TokenStats(None, outs[0], outs[2], outs[3], None, outs[1]) if return_stats else TokenEntropy(*outs)
 
 
 def sequence_logprobs(
@@ -249,29 +304,34 @@ def sequence_logprobs(
     *,
     ignore_index: int = IGNORE_INDEX,
     temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     backend: str | None = None,
     inplace_backward: bool = False,
 ) -> SequenceLogprobs:
     """Per-sequence masked sums of token log-probs and masked mean entropies.
 
     Args:
-        logits: [B, T, V] float32/bfloat16/float16 (float64 accepted); any batch/time strides.
+        logits: [B, T, V] float32/bfloat16/float16/float64; any batch/time strides.
         labels: [B, T] int64 (or int32), aligned with the logits; ``ignore_index`` marks prompt and
             padding. Required: ``None`` raises (use :func:`token_entropy` for every position).
         ignore_index: label value of masked positions.
         temperature: positive, finite divisor of the logits.
+        softcap: optional soft cap of the logits, as in :func:`token_logprobs`.
+        logit_scale: multiplier of the logits applied first, as in :func:`token_logprobs`.
         backend: "triton", "torch", "reference" or None, as in :func:`token_logprobs`.
         inplace_backward: opt-in; the backward writes the gradient into the logits buffer.
 
     Returns:
         SequenceLogprobs(logps [B] = sum over unmasked tokens, entropy [B] = mean over unmasked
-        tokens (0 when there are none), num_tokens [B] int64). logps and entropy are fp32 and
-        differentiable.
+        tokens (0 when there are none), num_tokens [B] int64). logps and entropy are fp32 (float64 for
+        float64 logits) and differentiable.
 
     Raises:
         TypeError: as :func:`token_logprobs` (dtypes of logits and labels).
         ValueError: labels None, logits not 3-D, and the checks of :func:`token_logprobs` (shapes,
-            devices, temperature, backend, in-place on an expanded view, out-of-range labels on CPU).
+            devices, temperature, soft cap, scale, backend, in-place on an expanded view, out-of-range
+            labels on CPU).
 
     Examples:
         >>> seq = sequence_logprobs(out.logits[:, :-1], labels[:, 1:])
@@ -280,7 +340,7 @@ def sequence_logprobs(
     if labels is None:
         raise ValueError("sequence_logprobs: labels are required (they define each sequence's tokens); "
                          "for the entropy of every position use token_logprobs(logits, None) or token_entropy")
-    _validate(logits, labels, temperature, "sequence_logprobs")
+    transform = _validate(logits, labels, temperature, "sequence_logprobs", softcap, logit_scale)
     check_inplace(logits, inplace_backward, "sequence_logprobs")
     if logits.dim() != 3:
         raise ValueError(f"sequence_logprobs: expected logits [B, T, V], got shape {tuple(logits.shape)}")
@@ -288,20 +348,13 @@ def sequence_logprobs(
     be = resolve_backend(backend, logits.device)
     check_labels_in_range(labels, logits.shape[-1], ignore_index, "sequence_logprobs")
     if be == "reference":
-        return SequenceLogprobs(*naive_sequence_logprobs(logits, labels, ignore_index, temperature))
-    if be == "triton":
-        from .triton_path import triton_sequence_logprobs
-
-        return SequenceLogprobs(
-            *triton_sequence_logprobs(logits, labels, ignore_index, temperature, inplace_backward)
-        )
-    tok = token_logprobs(
-        logits, labels, ignore_index=ignore_index, temperature=temperature, backend=be,
-        inplace_backward=inplace_backward,
-    )
-    num_tokens = (labels != ignore_index).sum(-1)
-    denom = num_tokens.clamp(min=1).to(torch.float32)
-    return SequenceLogprobs(tok.logps.sum(-1), tok.entropy.sum(-1) / denom, num_tokens)
+        return SequenceLogprobs(*naive_sequence_logprobs(logits, labels, ignore_index,
+                                                         compute_dtype=compute_dtype(logits.dtype),
+                                                         transform=transform))
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return SequenceLogprobs(*SequenceLogprobsFunction.apply(logits, labels, int(ignore_index), transform,
+                                                            bool(inplace_backward), be))
 
 
 def _as_3d(logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

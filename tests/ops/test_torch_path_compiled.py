@@ -24,10 +24,10 @@ def compiled(monkeypatch):
     return tp
 
 
-def _inputs(dtype, batch=3, seq=9, seed=0):
+def _inputs(dtype, batch=3, seq=9, seed=0, vocab=VOCAB):
     gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(batch, seq, VOCAB, generator=gen) * 3).to(dtype)
-    labels = torch.randint(0, VOCAB, (batch, seq), generator=gen)
+    logits = (torch.randn(batch, seq, vocab, generator=gen) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
     labels[:, ::4] = -100
     g, h = torch.randn(batch, seq, generator=gen), torch.randn(batch, seq, generator=gen)
     return logits, labels, g, h
@@ -61,7 +61,7 @@ def test_values_and_grads_match_float64(compiled, dtype, monkeypatch):
     x = logits.clone().requires_grad_(True)
     calls = []
     real = tp._call_compiled
-    monkeypatch.setattr(tp, "_call_compiled", lambda name, *a: calls.append(name) or real(name, *a))
+    monkeypatch.setattr(tp, "_call_compiled", lambda name, *a, **kw: calls.append(name) or real(name, *a, **kw))
     out = _run(x, labels, g, h)
     assert calls == ["fwd", "bwd"], "the compiled route did not serve both passes"
     assert tp._CompileState.failed is None
@@ -89,13 +89,13 @@ def test_inplace_backward_writes_the_gradient_over_the_logits(compiled):
     _check(out, leaf.grad, logits, labels, g, h)
 
 
-def test_new_row_counts_reuse_the_compiled_graphs(compiled):
-    for seq in (5, 11):  # the first call may compile; then the row count is symbolic
+def test_new_row_counts_and_vocabularies_reuse_the_compiled_graphs(compiled):
+    for seq in (5, 11):  # the first call may compile; then the row count and V are symbolic
         logits, labels, g, h = _inputs(torch.float32, batch=1, seq=seq, seed=seq)
         _run(logits.requires_grad_(True), labels, g, h)
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    for seq in (6, 17, 40):
-        logits, labels, g, h = _inputs(torch.float32, batch=1, seq=seq, seed=seq)
+    for seq, vocab in ((6, VOCAB), (17, 777), (40, 4099), (1, 301)):  # seq = 1: one row, run as two
+        logits, labels, g, h = _inputs(torch.float32, batch=1, seq=seq, seed=seq, vocab=vocab)
         x = logits.clone().requires_grad_(True)
         _check(_run(x, labels, g, h), x.grad, logits, labels, g, h)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
@@ -104,6 +104,7 @@ def test_new_row_counts_reuse_the_compiled_graphs(compiled):
 def test_compile_failure_falls_back_to_the_eager_chunks_with_one_warning(compiled, monkeypatch):
     def broken(name):
         raise RuntimeError("no working C++ toolchain")
+
 
     monkeypatch.setattr(tp, "_kernel", broken)
     logits, labels, g, h = _inputs(torch.float32)
@@ -116,9 +117,11 @@ def test_compile_failure_falls_back_to_the_eager_chunks_with_one_warning(compile
 
 def test_route_selection(monkeypatch):
     monkeypatch.setattr(tp._CompileState, "failed", None)
-    small, big = torch.empty(1, 2, 8), torch.empty(1, 1, tp.COMPILE_MIN_ELEMENTS)
+    small, big = torch.empty(1, 2, 8), torch.empty(1, 1, tp.COMPILE_MIN_VOCAB)
     monkeypatch.setenv(tp.COMPILE_ENV, "auto")
     assert not tp.use_compiled(small) and tp.use_compiled(big)
+    # The route depends on V, never on the number of rows (batch invariance).
+    assert tp.use_compiled(torch.empty(64, 9, tp.COMPILE_MIN_VOCAB)) and not tp.use_compiled(torch.empty(999, 99, 8))
     assert not tp.use_compiled(big.double()), "fp64 stays on the eager chunks"
     monkeypatch.setenv(tp.COMPILE_ENV, "0")
     assert not tp.use_compiled(big)

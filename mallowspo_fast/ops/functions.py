@@ -1,0 +1,93 @@
+"""The op's autograd Functions, one set for every backend.
+
+A backend is a module with the contract ``forward`` / ``backward`` / ``sequence_reduce``
+(``torch_path``, ``triton_path``; docs/kernels.md). The Functions save only the logits (the caller's
+tensor, no copy), the labels and two per-row statistics (lse, H); the backward recomputes everything
+else. Every tensor they return is its own allocation, so callers may edit results in place.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from .transform import LogitTransform
+
+
+def backend_module(name: str) -> types.ModuleType:
+    """The module implementing backend ``name`` ("torch" or "triton")."""
+    if name == "triton":
+        from . import triton_path
+
+        return triton_path
+    from . import torch_path
+
+    return torch_path
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """logits [B, T, V], labels [B, T] or None -> with labels (logps, entropy[, log_sum_sq_probs, mean_logits,
+    is_top1]); without (entropy, lse[, log_sum_sq_probs, mean_logits]). The statistics are not differentiable."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index: int, transform: LogitTransform, inplace: bool,
+                return_stats: bool, backend: str):
+        impl = backend_module(backend)
+        rows = impl.forward(logits, labels, ignore_index, transform, return_stats)
+        ctx.save_for_backward(logits, labels, rows.lse, rows.entropy)
+        ctx.ignore_index, ctx.transform, ctx.inplace, ctx.impl = ignore_index, transform, inplace, impl
+        ctx.has_labels = labels is not None
+        ctx.set_materialize_grads(False)
+        extra = (rows.log_sum_sq_probs, rows.mean_logits) if return_stats else ()
+        if ctx.has_labels:
+            outs = (rows.logps, rows.entropy, *extra, *((rows.is_top1,) if return_stats else ()))
+            ctx.mark_non_differentiable(rows.lse, *outs[2:])
+        else:
+            outs = (rows.entropy, rows.lse, *extra)
+            ctx.mark_non_differentiable(*outs[2:])
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        if ctx.has_labels:
+            g, h, g_lse = grads[0], grads[1], None
+        else:
+            g, h, g_lse = None, grads[0], grads[1]
+        if g is None and h is None and g_lse is None:
+            return (None,) * 7
+        grad = ctx.impl.backward(logits, labels, lse, entropy, g, h, g_lse, ctx.ignore_index, ctx.transform,
+                                 ctx.inplace)
+        return grad, None, None, None, None, None, None
+
+
+class SequenceLogprobsFunction(torch.autograd.Function):
+    """logits [B, T, V], labels [B, T] -> (Σ logps [B], mean entropy [B], num_tokens [B] int64)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index: int, transform: LogitTransform, inplace: bool,
+                backend: str):
+        impl = backend_module(backend)
+        rows = impl.forward(logits, labels, ignore_index, transform, False)
+        seq_logps, seq_entropy, num_tokens = impl.sequence_reduce(labels, rows.logps, rows.entropy, ignore_index)
+        ctx.save_for_backward(logits, labels, rows.lse, rows.entropy, num_tokens)
+        ctx.ignore_index, ctx.transform, ctx.inplace, ctx.impl = ignore_index, transform, inplace, impl
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(num_tokens)
+        return seq_logps, seq_entropy, num_tokens
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy, _grad_count):
+        if grad_logps is None and grad_entropy is None:
+            return (None,) * 6
+        logits, labels, lse, entropy, num_tokens = ctx.saved_tensors
+        seq = labels.shape[1]
+        # Per-sequence upstream grads broadcast over time through a zero stride: no [B, T] copies.
+        g = grad_logps.unsqueeze(1).expand(-1, seq) if grad_logps is not None else None
+        h = None
+        if grad_entropy is not None:
+            h = (grad_entropy / num_tokens.clamp(min=1).to(grad_entropy.dtype)).unsqueeze(1).expand(-1, seq)
+        grad = ctx.impl.backward(logits, labels, lse, entropy, g, h, None, ctx.ignore_index, ctx.transform,
+                                 ctx.inplace)
+        return grad, None, None, None, None, None

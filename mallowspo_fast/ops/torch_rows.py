@@ -1,0 +1,92 @@
+"""The op's arithmetic on a block of rows, in plain PyTorch: the one home of the math of the torch path.
+
+Both routes of the torch backend (``torch_path``) call these two functions: the compiled route hands them
+to ``torch.compile`` (Inductor turns each into one fused loop over the rows), the eager route calls them
+on fixed-size chunks of rows. Under a user's own ``torch.compile`` they are traced into the user's graph.
+
+Same math as the Triton kernels (docs/kernels.md): with z = transform(y),
+
+    m = max z,  s = Σ e^{z−m},  w = Σ e^{z−m}·(z − m),  lse = m + log s,  H = log s − w/s,
+    logp = z[label] − lse,  log Σp² = log Σ e^{2(z−m)} − 2 log s,
+
+w relative to the max so that H never subtracts two large numbers (exact for |z| ~ 1e4 and under a shift).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# e^x underflows to 0 below these (fp32: e^-104; fp64: e^-745): clamping z − m (and log p) there keeps
+# -inf logits out of 0·(-inf) without changing any result.
+FLOOR = {torch.float32: -200.0, torch.float64: -1000.0}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 logits are computed in float64, everything else in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _transformed(y: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, softcap: bool):
+    """(z, t) with z = post·tanh(pre·y) and t = tanh(pre·y) (softcap), else (post·y, None)."""
+    if softcap:
+        t = torch.tanh(y * pre)
+        return t * post, t
+    return y * post, None
+
+
+def rows_forward(z, labels, mask, pre, post, *, softcap: bool, stats: bool, acc: torch.dtype):
+    """One pass over logits ``z`` [R, V] (raw, input dtype) -> tuple of [R] tensors in z's compute dtype:
+    (logp, H, lse, log Σp², mean z, is_top1). ``labels``/``mask`` [R] or None (no labels: logp and
+    is_top1 are None, nothing is masked); masked rows give 0 (False). ``acc`` is the dtype of the row sums:
+    float64 in the compiled route (the fused loop accumulates sequentially; float64 sums make H and lse
+    as exact as the fp32 inputs allow, at the cost of a wider accumulator), the compute dtype in the
+    eager route (torch's reductions sum in cascades). Without ``stats`` the last three are None."""
+    cdt = compute_dtype(z.dtype)
+    zt, _ = _transformed(z.to(cdt), pre, post, softcap)
+    m = zt.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of only -inf: shift by 0
+    zm = (zt - m).clamp(min=FLOOR[cdt])
+    e = torch.exp(zm)
+    s = e.to(acc).sum(-1)
+    w = (e.to(acc) * zm.to(acc)).sum(-1)
+    log_s = torch.log(s)
+    lse = (m.squeeze(-1).to(acc) + log_s).to(cdt)
+    entropy = (log_s - w / s).to(cdt)
+    log_sum_sq = mean = top1 = logp = None
+    if stats:
+        log_sum_sq = (torch.log((e.to(acc) * e.to(acc)).sum(-1)) - 2 * log_s).to(cdt)
+        mean = (zt.to(acc).sum(-1) / zt.shape[-1]).to(cdt)
+    if labels is None:
+        return logp, entropy, lse, log_sum_sq, mean, top1
+    safe = torch.where(mask, labels, torch.zeros_like(labels))
+    logp = torch.where(mask, zt.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse, 0.0)
+    entropy = torch.where(mask, entropy, 0.0)
+    lse = torch.where(mask, lse, 0.0)
+    if stats:
+        log_sum_sq = torch.where(mask, log_sum_sq, 0.0)
+        mean = torch.where(mask, mean, 0.0)
+        top1 = (zt.argmax(-1) == safe) & mask  # argmax: the first index wins on ties
+    return logp, entropy, lse, log_sum_sq, mean, top1
+
+
+def rows_backward(z, labels, mask, lse, entropy, g, h, g_lse, pre, post, *, softcap: bool):
+    """dL/dy of logits ``z`` [R, V] (raw) in the compute dtype:
+    dL/dz_j = g·(1[j = label] − p_j) − h·p_j·(log p_j + H) + g_lse·p_j, times dz/dy
+    (post·pre·(1 − t²) with a soft cap, else post). ``g``, ``h``, ``g_lse`` [R] (zeros when unused),
+    ``labels``/``mask`` [R] or None; masked rows give exactly 0."""
+    cdt = compute_dtype(z.dtype)
+    zt, t = _transformed(z.to(cdt), pre, post, softcap)
+    logp = (zt - lse.unsqueeze(-1)).clamp(min=FLOOR[cdt])
+    p = torch.exp(logp)
+    c = (g_lse - g - h * entropy).unsqueeze(-1)
+    grad = p * (c - h.unsqueeze(-1) * logp)
+    if labels is not None:
+        onehot = torch.arange(z.shape[-1], device=z.device) == labels.unsqueeze(-1)
+        grad = grad + torch.where(onehot, g.unsqueeze(-1), 0.0)
+    if softcap:
+        grad = grad * ((post * pre) * ((1 - t) * (1 + t)))  # (1 − t)(1 + t): exact near |t| = 1
+    else:
+        grad = grad * post
+    if mask is not None:
+        grad = torch.where(mask.unsqueeze(-1), grad, 0.0)
+    return grad
