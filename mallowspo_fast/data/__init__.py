@@ -10,14 +10,17 @@ Public API (a contract: code outside this repository calls these names)::
                                         truncation_mode="keep_start", num_proc=None)
     batch = data.PreferenceCollator(pad_token_id, pad_to_multiple_of=None)(rows)
 
-Unpaired (KTO) data: load_unpaired_data, tokenize_unpaired_data, UnpairedCollator.
+Unpaired (KTO) data: load_unpaired_data, tokenize_unpaired_data, UnpairedCollator, and the trainer's
+one-forward layout: kl_completions (the mismatched completion of each row) and KTOCollator.
 """
 
 from .collation import (
     IGNORE_INDEX,
+    KTOCollator,
     PackedPreferenceCollator,
     PreferenceCollator,
     UnpairedCollator,
+    kl_completions,
     pack_sequences,
 )
 from .distributed import is_main_process, main_process_first
@@ -53,6 +56,7 @@ __all__ = [
     "TRUNCATION_MODES",
     "UNPAIRED_FORMATS",
     "DataReport",
+    "KTOCollator",
     "PackedPreferenceCollator",
     "PreferenceCollator",
     "PreferencePair",
@@ -61,6 +65,7 @@ __all__ = [
     "bundled_dataset_path",
     "is_main_process",
     "iter_texts",
+    "kl_completions",
     "load_preference_data",
     "load_preference_splits",
     "load_raw_dataset",

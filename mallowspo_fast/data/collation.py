@@ -280,3 +280,77 @@ class UnpairedCollator:
             batch.update({f"kl_{k}": v for k, v in kl.items()})
         batch.update(passthrough_columns(rows))
         return batch
+
+
+def kl_completions(completions: Sequence[Sequence[int]], seed: int) -> list[list[int]]:
+    """For each row, another row's completion: the mismatched pairs of KTO's KL estimate z0.
+
+    Rows are visited in a ``randperm(N)`` order seeded with ``seed`` and each takes the completion of
+    the row before it in that cycle (never its own for N >= 2). The pairing is fixed per dataset, like
+    TRL's KL dataset, so it does not depend on batching or sharding; the random cycle keeps rows of one
+    prompt (e.g. a split preference pair, stored side by side) from scoring each other's completion.
+
+    Args:
+        completions: the completion token ids of every row of a split (``completion_ids``).
+        seed: seed of the permutation.
+
+    Returns:
+        One list of token ids per row, to store as the ``kl_completion_ids`` column read by
+        :class:`KTOCollator`.
+
+    Examples:
+        >>> ds = ds.add_column("kl_completion_ids", kl_completions(ds["completion_ids"], seed=42))
+    """
+    perm = torch.randperm(len(completions), generator=torch.Generator().manual_seed(seed)).tolist()
+    out: list[list[int]] = [[] for _ in completions]
+    for j, i in enumerate(perm):
+        out[i] = list(completions[perm[j - 1]])
+    return out
+
+
+@dataclass
+class KTOCollator:
+    """Collate unpaired (KTO) rows into one [2B, L] batch: the completions, then their KL rows.
+
+    Rows 0..B-1 are prompt_b + completion_b, rows B..2B-1 prompt_b + kl_completion_b, right padded to
+    one length so that a model scores both halves in a single forward (the trainer's layout; a
+    :class:`PreferenceCollator` batch has the same shape). Input rows: ``prompt_ids``,
+    ``completion_ids``, ``kl_completion_ids`` (from :func:`kl_completions`) and ``label``. Output:
+
+    - ``input_ids``, ``attention_mask``, ``labels`` int64 [2B, L], as in :class:`UnpairedCollator`.
+    - ``label`` bool [B]: True for desirable completions.
+    - ``index`` and ``ref_*`` columns as in :class:`PreferenceCollator`.
+
+    Args:
+        pad_token_id: id written on padding positions.
+        pad_to_multiple_of: round L up to a multiple of this (None: no rounding).
+
+    Raises:
+        ValueError: bad padding arguments; when called, an empty list of rows or a row without the
+            id columns (``kl_completion_ids`` included).
+        TypeError: a ``label`` that is not a bool, or ids that are not lists of ints (naming the row).
+
+    Examples:
+        >>> batch = KTOCollator(tok.pad_token_id)(rows)   # batch["input_ids"]: [2B, L]
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        self._collate = UnpairedCollator(self.pad_token_id, self.pad_to_multiple_of, kl_rows=False)
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self._collate(rows)
+        missing = [i for i, r in enumerate(rows) if "kl_completion_ids" not in r]
+        if missing:
+            raise ValueError(f"batch rows {missing[:5]} have no 'kl_completion_ids' (the mismatched completion of "
+                             "each row: add the column with kl_completions)")
+        kl = self._collate([{"prompt_ids": r["prompt_ids"], "completion_ids": r["kl_completion_ids"],
+                             "label": r["label"]} for r in rows])
+        length = max(batch["input_ids"].shape[1], kl["input_ids"].shape[1])
+        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        for key, value in fill.items():
+            a, b = (torch.nn.functional.pad(t[key], (0, length - t[key].shape[1]), value=value) for t in (batch, kl))
+            batch[key] = torch.cat([a, b])
+        return batch

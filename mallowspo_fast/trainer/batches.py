@@ -24,7 +24,7 @@ from typing import Any
 import datasets
 import torch
 
-from .. import data as D
+from .. import data
 from .config import TrainConfig
 from .launch import DistState, barrier
 
@@ -35,12 +35,12 @@ KTO_TOKEN_COLUMNS = ("prompt_ids", "completion_ids", "label", "index")
 
 # ----------------------------------------------------------------------------------------------------
 # tokenizer
-def _tokenizer_key(cfg: TrainConfig) -> str:
-    src = {"dataset": os.path.abspath(cfg.dataset_name) if os.path.exists(cfg.dataset_name) else cfg.dataset_name,
-           "split": cfg.dataset_train_split, "vocab_size": cfg.tokenizer_vocab_size,
-           "column_mapping": cfg.column_mapping}
-    if os.path.isfile(cfg.dataset_name):
-        st = os.stat(cfg.dataset_name)
+def _tokenizer_key(dataset_name: str, split: str, vocab_size: int, column_mapping: dict | None) -> str:
+    """What the trained tokenizer depends on: the data (a local file by its size and time) and its settings."""
+    src = {"dataset": os.path.abspath(dataset_name) if os.path.exists(dataset_name) else dataset_name,
+           "split": split, "vocab_size": vocab_size, "column_mapping": column_mapping}
+    if os.path.isfile(dataset_name):
+        st = os.stat(dataset_name)
         src["file"] = [st.st_size, int(st.st_mtime)]
     return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -53,10 +53,10 @@ def load_tokenizer(cfg: TrainConfig, state: DistState, raw_train: Any) -> Any:
     if source is None:  # train_tokenizer (validated)
         save_dir = Path(cfg.output_dir) / "tokenizer"
         key_file = save_dir / "mallowspo_tokenizer_key.txt"
-        key = _tokenizer_key(cfg)
+        key = _tokenizer_key(cfg.dataset_name, cfg.dataset_train_split, cfg.tokenizer_vocab_size, cfg.column_mapping)
         if state.is_main and not (key_file.is_file() and key_file.read_text().strip() == key):
             logger.info("training a %d-token BPE tokenizer on the training texts", cfg.tokenizer_vocab_size)
-            D.train_tokenizer(raw_train, cfg.tokenizer_vocab_size, save_dir=save_dir)
+            data.train_tokenizer(raw_train, cfg.tokenizer_vocab_size, save_dir=save_dir)
             key_file.write_text(key + "\n")
         barrier(state)
         source = str(save_dir)
@@ -75,14 +75,14 @@ def load_raw_splits(cfg: TrainConfig) -> tuple[Any, Any]:
     IterableDataset and the eval split (``dataset_test_split``, or the first ``eval_size`` rows of the stream)
     is read into memory once: evaluation shards a split of known length over the ranks."""
     kwargs = dict(column_mapping=cfg.column_mapping, num_proc=cfg.dataset_num_proc, streaming=cfg.streaming)
-    load = D.load_unpaired_data if cfg.is_kto else D.load_preference_data
+    load = data.load_unpaired_data if cfg.is_kto else data.load_preference_data
     train = load(cfg.dataset_name, split=cfg.dataset_train_split, **kwargs)
     evals = None
     if cfg.dataset_test_split:
         evals = load(cfg.dataset_name, split=cfg.dataset_test_split, **kwargs)
     elif cfg.eval_ratio > 0 or cfg.eval_size > 0:
-        train, evals = D.train_eval_split(train, eval_ratio=cfg.eval_ratio or None, eval_size=cfg.eval_size or None,
-                                          seed=cfg.seed)
+        train, evals = data.train_eval_split(train, eval_ratio=cfg.eval_ratio or None,
+                                             eval_size=cfg.eval_size or None, seed=cfg.seed)
     if cfg.streaming:
         if cfg.max_train_samples is not None:
             train = train.take(cfg.max_train_samples)
@@ -104,10 +104,10 @@ def _in_memory(stream: datasets.IterableDataset, limit: int | None) -> datasets.
 def tokenize(cfg: TrainConfig, ds: Any, tokenizer: Any) -> Any:
     """Token ids with ``index`` = the row's position (the key of precomputed reference values).
 
-    KTO (unpaired) rows also get ``kl_completion_ids`` (:func:`kl_completions`): the mismatched completion
+    KTO (unpaired) rows also get ``kl_completion_ids`` (``data.kl_completions``): the mismatched completion
     that the row's prompt is scored with for the KL estimate z0.
     """
-    fn = D.tokenize_unpaired_data if cfg.is_kto else D.tokenize_preference_data
+    fn = data.tokenize_unpaired_data if cfg.is_kto else data.tokenize_preference_data
     columns = KTO_TOKEN_COLUMNS if cfg.is_kto else TOKEN_COLUMNS
     tok = fn(ds, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
              truncation_mode=cfg.truncation_mode, num_proc=cfg.dataset_num_proc)
@@ -122,55 +122,13 @@ def tokenize(cfg: TrainConfig, ds: Any, tokenizer: Any) -> Any:
         if len(tok) < 2:
             raise ValueError(f"loss_type=kto needs at least 2 rows per split (the KL estimate pairs each prompt "
                              f"with another row's completion), found {len(tok)}")
-        tok = tok.add_column("kl_completion_ids", kl_completions(tok["completion_ids"], kl_pairing_seed(cfg)))
+        tok = tok.add_column("kl_completion_ids", data.kl_completions(tok["completion_ids"], cfg.kl_pairing_seed))
     return tok
-
-
-def kl_pairing_seed(cfg: TrainConfig) -> int:
-    """The seed of the KL pairing (:func:`kl_completions`); part of the reference cache key."""
-    return cfg.seed
-
-
-def kl_completions(completions: list[list[int]], seed: int) -> list[list[int]]:
-    """For each row, another row's completion: rows are visited in a ``randperm(N)`` order seeded with
-    ``seed`` and each takes the completion of the row before it in that cycle (never its own for N >= 2).
-    The pairing is fixed at dataset level, like TRL's KL dataset, so it does not depend on batching or
-    sharding; the random cycle keeps rows of one prompt (e.g. a split preference pair, stored side by
-    side) from scoring each other's completion."""
-    perm = torch.randperm(len(completions), generator=torch.Generator().manual_seed(seed)).tolist()
-    out: list[list[int]] = [[] for _ in completions]
-    for j, i in enumerate(perm):
-        out[i] = completions[perm[j - 1]]
-    return out
-
-
-@dataclass
-class KTOCollator:
-    """Unpaired rows -> one [2B, L] batch: rows 0..B-1 prompt_b + completion_b, rows B..2B-1 the KL rows
-    prompt_b + kl_completion_b, padded to one length so that the policy (and a ZeRO-3 reference) runs a
-    single forward; plus ``label`` bool [B] and ``index``."""
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __post_init__(self) -> None:
-        self._collate = D.UnpairedCollator(self.pad_token_id, self.pad_to_multiple_of, kl_rows=False)
-
-    def __call__(self, rows_: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self._collate(rows_)
-        kl = self._collate([{"prompt_ids": r["prompt_ids"], "completion_ids": r["kl_completion_ids"],
-                             "label": r["label"]} for r in rows_])
-        length = max(batch["input_ids"].shape[1], kl["input_ids"].shape[1])
-        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": D.IGNORE_INDEX}
-        for key, value in fill.items():
-            a, b = (torch.nn.functional.pad(t[key], (0, length - t[key].shape[1]), value=value) for t in (batch, kl))
-            batch[key] = torch.cat([a, b])
-        return batch
 
 
 def collator(cfg: TrainConfig, tokenizer: Any) -> Any:
     """The collator of the configured loss: paired (chosen rows, then rejected rows) or KTO's."""
-    kind = KTOCollator if cfg.is_kto else D.PreferenceCollator
+    kind = data.KTOCollator if cfg.is_kto else data.PreferenceCollator
     return kind(tokenizer.pad_token_id, cfg.pad_to_multiple_of)
 
 
@@ -342,17 +300,19 @@ def _check_same_kind(saved_order: dict[str, Any], streaming: bool, where: Path) 
             "the same streaming setting")
 
 
-def train_batches(cfg: TrainConfig, ds: Any, state: DistState) -> MapBatches | StreamBatches:
+def train_batches(ds: Any, micro: int, world: int, accumulation: int, seed: int) -> MapBatches | StreamBatches:
+    """The training split read in order: :class:`StreamBatches` for a stream, else :class:`MapBatches`."""
     kind = StreamBatches if isinstance(ds, datasets.IterableDataset) else MapBatches
-    return kind(ds, cfg.per_device_train_batch_size, state.world_size, cfg.gradient_accumulation_steps, cfg.seed)
+    return kind(ds, micro, world, accumulation, seed)
 
 
-def total_steps(cfg: TrainConfig, batches: MapBatches | StreamBatches) -> int:
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    if batches.steps_per_epoch is None:  # validated: streaming needs max_steps
+def total_steps(max_steps: int, num_train_epochs: float, steps_per_epoch: int | None) -> int:
+    """``max_steps`` when set (> 0), else ``ceil(num_train_epochs * steps_per_epoch)``, at least 1."""
+    if max_steps > 0:
+        return max_steps
+    if steps_per_epoch is None:  # validated: streaming needs max_steps
         raise ValueError("a streamed training split needs max_steps >= 1 (its length is unknown)")
-    return max(1, math.ceil(cfg.num_train_epochs * batches.steps_per_epoch))
+    return max(1, math.ceil(num_train_epochs * steps_per_epoch))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -278,14 +278,14 @@ def prune(root: Path, keep: int | None, newest: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # load
-def check_compatible(path: Path, cfg: Any) -> None:
+def check_compatible(path: Path, logits_mode: str) -> None:
     """Refuse, before DeepSpeed reads any tensor, a checkpoint whose module layout differs from this run's:
     ``logits_mode: chunked`` wraps the model (parameter names gain a ``model.`` prefix)."""
     saved = json.loads((path / STATE_FILE).read_text()).get("config", {})
     mode = saved.get("logits_mode", "logits")
-    if mode != cfg.logits_mode:
+    if mode != logits_mode:
         raise ValueError(
-            f"{path} was saved with logits_mode={mode} and this run has logits_mode={cfg.logits_mode}: the "
+            f"{path} was saved with logits_mode={mode} and this run has logits_mode={logits_mode}: the "
             "engine's module layout differs. Resume with the same mode (the exported Hugging Face model loads "
             "in either)")
 

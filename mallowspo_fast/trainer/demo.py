@@ -8,7 +8,11 @@ and entropies and phi_star='auto'. Sized to finish in a few minutes on two CPU c
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+CHANCE_ACCURACY = 0.5  # a model that cannot rank a pair ranks it right half the time
+_Z95 = 1.959963984540054  # standard normal quantile of 0.975
 
 
 def demo_defaults() -> dict[str, Any]:
@@ -48,8 +52,33 @@ def demo_defaults() -> dict[str, Any]:
     }
 
 
+def wilson_interval(proportion: float, n: int, z: float = _Z95) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a proportion observed over ``n`` trials."""
+    if n < 1 or not 0.0 <= proportion <= 1.0:
+        raise ValueError(f"wilson_interval: expected n >= 1 and a proportion in [0, 1], found n={n}, "
+                         f"proportion={proportion}")
+    z2n = z * z / n
+    centre = (proportion + z2n / 2) / (1 + z2n)
+    half = z / (1 + z2n) * math.sqrt(proportion * (1 - proportion) / n + z2n / (4 * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_verdict(accuracy: float, n: int) -> str:
+    """How far an eval reward accuracy over ``n`` pairs says anything: its 95% interval against chance."""
+    lo, hi = wilson_interval(accuracy, n)
+    if lo > CHANCE_ACCURACY:
+        verdict = "above chance"
+    elif hi < CHANCE_ACCURACY:
+        verdict = "below chance"
+    else:
+        verdict = "not distinguishable from chance"
+    return (f"eval reward accuracy over {n} pairs: 95% interval [{lo:.2f}, {hi:.2f}] (Wilson), {verdict} "
+            f"({CHANCE_ACCURACY})")
+
+
 def format_summary(result: Any, cfg: Any) -> str:
-    """The end-of-run summary printed by the CLI."""
+    """The end-of-run summary printed by the CLI. The eval reward accuracy comes with the eval set's size and
+    its 95% interval: a tiny held-out set (the demo's 30 pairs) cannot tell a model from chance."""
     tm, em = result.train_metrics, result.eval_metrics
 
     def g(d: dict, k: str) -> str:
@@ -66,6 +95,9 @@ def format_summary(result: Any, cfg: Any) -> str:
     if em:
         lines.append(f"  eval: loss {g(em, 'eval_loss')}, reward accuracy {g(em, 'eval_rewards/accuracies')}, "
                      f"margin {g(em, 'eval_rewards/margins')}")
+        accuracy = em.get("eval_rewards/accuracies")
+        if accuracy is not None and result.eval_examples:
+            lines.append(f"  {accuracy_verdict(accuracy, result.eval_examples)}")
     if "dispersion/neg_log_mean" in tm:
         phi = "n/a" if result.phi_star is None else f"{result.phi_star:.4f}"
         lines.append(f"  dispersion: phi_star {phi}{' (auto)' if cfg.phi_star == 'auto' else ''}, c(x) mean "

@@ -20,7 +20,7 @@ from .config import TrainConfig
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
-def _zero_section(cfg: TrainConfig, stage: int, *, offload_param: bool, offload_optimizer: bool) -> dict:
+def _zero_section(stage: int, *, offload_param: bool, offload_optimizer: bool) -> dict:
     zero: dict[str, Any] = {"stage": stage}
     if stage == 3:
         # Needed by the 16-bit export: the gathered weights are saved from rank 0.
@@ -42,16 +42,17 @@ def _merge(base: dict, extra: Mapping[str, Any]) -> dict:
     return out
 
 
-def _user_config(cfg: TrainConfig) -> dict:
-    if cfg.deepspeed is None:
+def _user_config(deepspeed: str | Mapping[str, Any] | None) -> dict:
+    """The ``deepspeed`` key: a JSON file, a mapping, or None."""
+    if deepspeed is None:
         return {}
-    if isinstance(cfg.deepspeed, str):
-        with open(cfg.deepspeed, encoding="utf-8") as f:
+    if isinstance(deepspeed, str):
+        with open(deepspeed, encoding="utf-8") as f:
             try:
                 return json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"deepspeed={cfg.deepspeed!r}: not valid JSON: {e}") from None
-    return dict(cfg.deepspeed)
+                raise ValueError(f"deepspeed={deepspeed!r}: not valid JSON: {e}") from None
+    return dict(deepspeed)
 
 
 def build_train_ds_config(cfg: TrainConfig, world_size: int, *, on_cpu: bool,
@@ -66,7 +67,7 @@ def build_train_ds_config(cfg: TrainConfig, world_size: int, *, on_cpu: bool,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "train_batch_size": micro * cfg.gradient_accumulation_steps * world_size,
         "gradient_clipping": cfg.max_grad_norm,
-        "zero_optimization": _zero_section(cfg, cfg.zero_stage, offload_param=cfg.offload_param,
+        "zero_optimization": _zero_section(cfg.zero_stage, offload_param=cfg.offload_param,
                                            offload_optimizer=cfg.offload_optimizer),
         "bf16": {"enabled": cfg.bf16},
         "optimizer": {
@@ -84,7 +85,7 @@ def build_train_ds_config(cfg: TrainConfig, world_size: int, *, on_cpu: bool,
     if on_cpu or cfg.offload_optimizer:
         # torch's AdamW: no compiled extension needed (DeepSpeedCPUAdam would be built on first use).
         ds["optimizer"]["params"]["torch_adam"] = True
-    user = _user_config(cfg)
+    user = _user_config(cfg.deepspeed)
     for key in _BATCH_KEYS:
         if key in user and user[key] != ds[key]:
             raise ValueError(f"deepspeed config sets {key}={user[key]} but the trainer config gives {ds[key]} "
@@ -101,7 +102,7 @@ def build_ref_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro * world_size,
-        "zero_optimization": _zero_section(cfg, stage, offload_param=cfg.ref_offload and stage == 3,
+        "zero_optimization": _zero_section(stage, offload_param=cfg.ref_offload and stage == 3,
                                            offload_optimizer=False),
         "bf16": {"enabled": cfg.bf16},
         "steps_per_print": 10**9,
@@ -109,9 +110,9 @@ def build_ref_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     }
 
 
-def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+def num_warmup_steps(warmup_steps: int, warmup_ratio: float, total_steps: int) -> int:
     """``warmup_steps`` if positive, else ``ceil(warmup_ratio * total_steps)`` (the HF rule)."""
-    return cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
+    return warmup_steps if warmup_steps > 0 else math.ceil(warmup_ratio * total_steps)
 
 
 def lr_lambda(kind: str, warmup: int, total_steps: int) -> Callable[[int], float]:
@@ -132,9 +133,10 @@ def lr_lambda(kind: str, warmup: int, total_steps: int) -> Callable[[int], float
     return f
 
 
-def build_lr_scheduler(optimizer: Any, cfg: TrainConfig, total_steps: int) -> Any:
-    """LambdaLR over the DeepSpeed-wrapped optimizer (DeepSpeed steps it after each optimizer step)."""
+def build_lr_scheduler(optimizer: Any, kind: str, warmup: int, total_steps: int) -> Any:
+    """LambdaLR over the DeepSpeed-wrapped optimizer (DeepSpeed steps it after each optimizer step):
+    ``kind`` (``lr_scheduler_type``) after ``warmup`` steps, none for ``constant``."""
     import torch
 
-    warm = 0 if cfg.lr_scheduler_type == "constant" else warmup_steps(cfg, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler_type, warm, total_steps))
+    warm = 0 if kind == "constant" else warmup
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(kind, warm, total_steps))

@@ -11,7 +11,7 @@ itself before the step (one host read per optimizer step, only in that configura
 After the step, ``engine.was_step_applied()`` (a host value the engine already has) says whether the update
 happened. When it did not: ``on_nonfinite: stop`` raises :class:`NonFiniteError` naming the step and the rows
 of the batch (no checkpoint is written, so the last one is the last good state); ``skip`` counts it and
-raises after ``max_nonfinite_in_a_row`` skipped updates in a row.
+raises after ``max_nonfinite_in_a_row`` skipped updates in a row. The SFT warm-up has a guard of its own.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
 from .faults import NonFiniteError
 from .launch import DistState
 
@@ -29,18 +28,29 @@ logger = logging.getLogger("mallowspo_fast.trainer")
 
 
 class NonFiniteGuard:
-    def __init__(self, cfg: TrainConfig, state: DistState, engine: Any, skipped: int = 0) -> None:
-        self.cfg, self.state, self.engine = cfg, state, engine
+    """The guard of one engine. ``on_nonfinite`` and ``max_in_a_row`` are the config's ``on_nonfinite`` and
+    ``max_nonfinite_in_a_row``. The errors name the step as ``step_name`` N and end with ``kept``: what is
+    still intact ("no checkpoint was written, so the last checkpoint in ... is intact")."""
+
+    def __init__(self, state: DistState, engine: Any, *, on_nonfinite: str, max_in_a_row: int, zero_stage: int,
+                 bf16: bool, kept: str, step_name: str = "optimizer step", skipped: int = 0) -> None:
+        self.state, self.engine = state, engine
+        self.on_nonfinite, self.max_in_a_row = on_nonfinite, max_in_a_row
+        self.kept, self.step_name = kept, step_name
         self.skipped = skipped  # updates skipped since the start of the run (restored on resume)
         self.in_a_row = 0
         self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         # fp32 at stage 0: a plain torch optimizer without an overflow check
-        self.own_norm = cfg.zero_stage == 0 and not cfg.bf16
+        self.own_norm = zero_stage == 0 and not bf16
 
-    def loss_for_backward(self, loss: torch.Tensor, losses: torch.Tensor, logps: torch.Tensor,
-                          index: torch.Tensor) -> torch.Tensor:
-        """``loss`` times 1 when it and every row of the micro-batch are finite, else times NaN."""
-        rows_ok = torch.isfinite(losses) & torch.isfinite(logps.detach().view(2, -1)).all(0)
+    def loss_for_backward(self, loss: torch.Tensor, index: torch.Tensor, *per_row: torch.Tensor) -> torch.Tensor:
+        """``loss`` times 1 when it and every row of the micro-batch are finite, else times NaN.
+
+        ``index`` [B]: the dataset index of each row; ``per_row``: tensors of [k·B] values, k blocks of B rows
+        (a paired forward's log-probs are [2B]: chosen rows, then rejected rows)."""
+        rows_ok = torch.ones_like(index, dtype=torch.bool)
+        for values in per_row:
+            rows_ok = rows_ok & torch.isfinite(values.detach()).view(-1, index.numel()).all(0)
         self._rows.append((index.detach(), ~rows_ok))
         ok = torch.isfinite(loss.detach()) & rows_ok.all()
         return loss * torch.where(ok, 1.0, float("nan")).to(loss.dtype)
@@ -65,16 +75,16 @@ class NonFiniteGuard:
             self.in_a_row = 0
             return True
         what = self._describe(rows)
-        if self.cfg.on_nonfinite == "stop":
+        if self.on_nonfinite == "stop":
             self._raise(step, what)
         self.skipped += 1
         self.in_a_row += 1
-        logger.warning("optimizer step %d: %s; the update was skipped (on_nonfinite=skip: %d in a row, %d in "
-                       "all)", step, what, self.in_a_row, self.skipped)
-        if self.in_a_row >= self.cfg.max_nonfinite_in_a_row:
-            raise NonFiniteError(f"optimizer step {step}: {self.in_a_row} updates in a row were skipped for "
-                                 f"non-finite values (max_nonfinite_in_a_row={self.cfg.max_nonfinite_in_a_row}); "
-                                 f"the last: {what}. The last checkpoint in {self.cfg.output_dir} is intact")
+        logger.warning("%s %d: %s; the update was skipped (on_nonfinite=skip: %d in a row, %d in all)",
+                       self.step_name, step, what, self.in_a_row, self.skipped)
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteError(f"{self.step_name} {step}: {self.in_a_row} updates in a row were skipped for "
+                                 f"non-finite values (max_nonfinite_in_a_row={self.max_in_a_row}); "
+                                 f"the last: {what}; {self.kept}")
         return False
 
     def _describe(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> str:
@@ -91,6 +101,5 @@ class NonFiniteGuard:
         return "non-finite gradient norm (every row's loss and log-probs were finite)"
 
     def _raise(self, step: int, what: str) -> None:
-        raise NonFiniteError(
-            f"optimizer step {step}: {what}; the update was not applied and no checkpoint was written, so the "
-            f"last checkpoint in {self.cfg.output_dir} is intact (on_nonfinite=skip skips such updates)")
+        raise NonFiniteError(f"{self.step_name} {step}: {what}; the update was not applied and {self.kept} "
+                             "(on_nonfinite=skip skips such updates)")

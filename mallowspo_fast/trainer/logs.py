@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
 from .launch import DistState
 from .step import kto_means
 
@@ -60,12 +59,15 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
 
 
 class MetricLogger:
-    """Window accumulation, cross-rank averaging and the sinks (rank 0 writes)."""
+    """Window accumulation, cross-rank averaging and the sinks (rank 0 writes).
 
-    def __init__(self, cfg: TrainConfig, state: DistState, total_steps: int, start_step: int, *,
-                 resumed: bool, num_tokens: int = 0, desc: str = "training") -> None:
-        self.cfg, self.state = cfg, state
-        self.dir = Path(cfg.resolved_logging_dir())
+    ``log_dir``: where ``metrics.jsonl`` (and TensorBoard's events) go; ``report_to`` and ``progress_bar``:
+    the config's ``report_to`` and ``not disable_tqdm``."""
+
+    def __init__(self, state: DistState, total_steps: int, start_step: int, *, log_dir: str, report_to: str,
+                 progress_bar: bool, resumed: bool, num_tokens: int = 0, desc: str = "training") -> None:
+        self.state = state
+        self.dir = Path(log_dir)
         self.path = self.dir / METRICS_FILE
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
@@ -83,11 +85,11 @@ class MetricLogger:
         kept = [r for r in _read_records(self.path)
                 if r.get("phase") == "sft" or (resumed and r.get("step", 0) <= start_step)]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        if cfg.report_to in ("all", "tensorboard") and importlib.util.find_spec("tensorboard") is not None:
+        if report_to in ("all", "tensorboard") and importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(self.dir))
-        if not cfg.disable_tqdm:
+        if progress_bar:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
@@ -146,10 +148,10 @@ class MetricLogger:
         self._write(record)
 
     @staticmethod
-    def start_sft_log(cfg: TrainConfig, state: DistState) -> None:
+    def start_sft_log(log_dir: str, state: DistState) -> None:
         """A fresh metrics file for a run that starts with an SFT warm-up."""
         if state.is_main:
-            path = Path(cfg.resolved_logging_dir()) / METRICS_FILE
+            path = Path(log_dir) / METRICS_FILE
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("", encoding="utf-8")
 

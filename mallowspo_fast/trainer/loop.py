@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import batches as B
-from . import checkpoint as C
+from . import batches, checkpoint
 from .config import TrainConfig
 from .export import export_hf
 from .faults import NonFiniteError, fault_point
@@ -34,7 +33,6 @@ from .logs import CURVES_FILE, MetricLogger, peak_memory_mb, plot_curves
 from .model import build_model, inference_engine, policy_engine
 from .reference import LiveReference, ReferenceTable, cache_key, load_or_compute, model_identity
 from .step import (
-    backend_arg,
     chosen_rows,
     forward_logprobs,
     kto_batch_loss,
@@ -66,6 +64,7 @@ class TrainResult:
         train_metrics: metrics of the last logging window.
         eval_metrics: metrics of the last evaluation (``eval_`` keys).
         history: training loss at each logging step.
+        eval_examples: pairs (KTO: rows) in the evaluation split, None without one.
     """
 
     output_dir: str
@@ -81,6 +80,7 @@ class TrainResult:
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     history: list[float] = field(default_factory=list)  # training loss at each logging step
+    eval_examples: int | None = None
 
 
 def set_seed(seed: int) -> None:
@@ -94,14 +94,30 @@ def _grad_norm(engine: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def metric_logger(cfg: TrainConfig, state: DistState, total_steps: int, start_step: int, **kwargs: Any) -> MetricLogger:
+    """The :class:`MetricLogger` of ``cfg``'s sinks (logging dir, report_to, progress bar)."""
+    return MetricLogger(state, total_steps, start_step, log_dir=cfg.resolved_logging_dir(), report_to=cfg.report_to,
+                        progress_bar=not cfg.disable_tqdm, **kwargs)
+
+
+def nonfinite_guard(cfg: TrainConfig, state: DistState, engine: Any, *, kept: str, step_name: str = "optimizer step",
+                    skipped: int = 0) -> NonFiniteGuard:
+    """The ``on_nonfinite`` policy of ``cfg`` over ``engine`` (see :class:`NonFiniteGuard`)."""
+    return NonFiniteGuard(state, engine, on_nonfinite=cfg.on_nonfinite, max_in_a_row=cfg.max_nonfinite_in_a_row,
+                          zero_stage=cfg.zero_stage, bf16=cfg.bf16, kept=kept, step_name=step_name, skipped=skipped)
+
+
 # ----------------------------------------------------------------------------------------------------
 # SFT warm-up (a separate short phase whose exported model becomes policy and reference)
 def sft_warmup(cfg: TrainConfig, state: DistState, tokenizer: Any, train_ds: Any, collator: Any,
                source: str | None) -> str:
+    """Train on the chosen responses for ``sft_warmup_steps`` and export the result (the starting point of
+    policy and reference); a rerun with the same settings reuses the export. Non-finite values get the main
+    loop's ``on_nonfinite`` treatment; with ``stop`` nothing is exported."""
     out_dir = Path(cfg.output_dir) / "sft_warmup"
     ident = model_identity(source, cfg.model_config if source is None else None, cfg.seed)
     key = hashlib.sha256(json.dumps({
-        "model": ident, "data": B.dataset_fingerprint(train_ds), "steps": cfg.sft_warmup_steps,
+        "model": ident, "data": batches.dataset_fingerprint(train_ds), "steps": cfg.sft_warmup_steps,
         "lr": cfg.sft_learning_rate, "batch": [cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
                                                state.world_size], "seed": cfg.seed, "bf16": cfg.bf16,
         "warmup": [cfg.warmup_ratio, cfg.warmup_steps],
@@ -110,24 +126,43 @@ def sft_warmup(cfg: TrainConfig, state: DistState, tokenizer: Any, train_ds: Any
     if key_file.is_file() and key_file.read_text().strip() == key:
         logger.info("SFT warm-up: reusing %s", out_dir)
         return str(out_dir)
-    MetricLogger.start_sft_log(cfg, state)
+    MetricLogger.start_sft_log(cfg.resolved_logging_dir(), state)
     steps = cfg.sft_warmup_steps
     engine = policy_engine(cfg, state, build_model(cfg, source, tokenizer), steps,
                            learning_rate=cfg.sft_learning_rate, scheduler="cosine")
-    order = B.TrainOrder(len(train_ds), cfg.per_device_train_batch_size, state.world_size,
-                         cfg.gradient_accumulation_steps, cfg.seed + 7919)
-    log = MetricLogger(cfg, state, steps, 0, resumed=True, desc="SFT warm-up")
-    for step in range(steps):
-        epoch, s = divmod(step, order.steps_per_epoch)
-        for m in range(cfg.gradient_accumulation_steps):
-            batch = to_device(collator(B.rows(train_ds, order.micro_batch(epoch, s, m, state.rank))), state.device)
-            loss = sft_batch_loss(forward_logprobs(engine, chosen_rows(batch), backend=backend_arg(cfg)))
-            engine.backward(loss)
-            engine.step()
-            log.accumulate({"sft_loss": loss.detach().float()}, batch["attention_mask"].sum())
-        log.advance()
-        if (step + 1) % cfg.logging_steps == 0 or step + 1 == steps:
-            log.log_train(step + 1, (step + 1) / order.steps_per_epoch, {"phase": "sft"})
+    order = batches.TrainOrder(len(train_ds), cfg.per_device_train_batch_size, state.world_size,
+                               cfg.gradient_accumulation_steps, cfg.seed + 7919)
+    log = metric_logger(cfg, state, steps, 0, resumed=True, desc="SFT warm-up")
+    guard = nonfinite_guard(cfg, state, engine, step_name="SFT warm-up step",
+                            kept=f"the warm-up was not exported (a rerun starts it over in {out_dir})")
+    try:
+        for step in range(steps):
+            epoch, s = divmod(step, order.steps_per_epoch)
+            pending = []  # the step's metrics, kept only if its update is applied
+            for m in range(cfg.gradient_accumulation_steps):
+                rows = batches.rows(train_ds, order.micro_batch(epoch, s, m, state.rank))
+                batch = to_device(collator(rows), state.device)
+                chosen = chosen_rows(batch)
+                out = forward_logprobs(engine, chosen, backend=cfg.logprob_backend)
+                loss = sft_batch_loss(out)
+                engine.backward(guard.loss_for_backward(loss, chosen["index"], out.logps))
+                if engine.is_gradient_accumulation_boundary():
+                    guard.before_step(step + 1)
+                engine.step()
+                pending.append(({"sft_loss": loss.detach().float()}, batch["attention_mask"].sum()))
+            if guard.after_step(step + 1):
+                for metrics, tokens in pending:
+                    log.accumulate(metrics, tokens)
+            log.advance()
+            if (step + 1) % cfg.logging_steps == 0 or step + 1 == steps:
+                extras: dict[str, Any] = {"phase": "sft"}
+                if cfg.on_nonfinite == "skip":
+                    extras["nonfinite_skipped"] = guard.skipped
+                log.log_train(step + 1, (step + 1) / order.steps_per_epoch, extras)
+    except NonFiniteError:
+        log.close()
+        release_engines(engine)
+        raise
     log.close()
     export_hf(engine, tokenizer, out_dir, state)
     if state.is_main:
@@ -175,9 +210,12 @@ def setup_reference(cfg: TrainConfig, state: DistState, engine: Any, tokenizer: 
 
     ref = Reference()
     wants_table = cfg.precompute_ref_log_probs or cfg.phi_star == "auto"
+
     def table(ds: Any, split: str) -> ReferenceTable:
-        key = cache_key(cfg, ident, B.dataset_fingerprint(ds), split)
-        return load_or_compute(ref_model, ds, collator, cfg, state, key, f"reference ({split})")
+        key = reference_cache_key(cfg, ident, batches.dataset_fingerprint(ds), split)
+        return load_or_compute(ref_model, ds, collator, state, key, f"reference ({split})",
+                               cache_dir=cfg.resolved_ref_cache_dir(), batch_size=cfg.per_device_eval_batch_size,
+                               backend=cfg.logprob_backend, progress_bar=not cfg.disable_tqdm)
 
     if wants_table:
         ref.train = table(train_ds, "train")
@@ -189,7 +227,7 @@ def setup_reference(cfg: TrainConfig, state: DistState, engine: Any, tokenizer: 
     else:
         ref.phi_star = float(cfg.phi_star)
     if not cfg.precompute_ref_log_probs:
-        ref.live = LiveReference(ref_model(), cfg)
+        ref.live = LiveReference(ref_model(), cfg.logprob_backend)
         ref.train = None  # only computed for phi_star
     elif separate:
         separate.clear()  # the reference engine is not needed during training
@@ -197,22 +235,29 @@ def setup_reference(cfg: TrainConfig, state: DistState, engine: Any, tokenizer: 
     return ref
 
 
+def reference_cache_key(cfg: TrainConfig, identity: dict, data_fingerprint: str, split: str) -> str:
+    """The cache key of a split's reference values under ``cfg`` (:func:`reference.cache_key`)."""
+    return cache_key(identity, data_fingerprint, split, bf16=cfg.bf16, max_length=cfg.max_length,
+                     max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode,
+                     kl_pairing_seed=cfg.kl_pairing_seed if cfg.is_kto else None)
+
+
 # ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(cfg: TrainConfig, state: DistState, engine: Any, eval_ds: Any, collator: Any, ref: Reference) -> dict:
     """Exact metrics over the whole eval split (sharded, padded shards masked out)."""
     engine.eval()
-    sh = B.shard(len(eval_ds), cfg.per_device_eval_batch_size, state)
+    sh = batches.shard(len(eval_ds), cfg.per_device_eval_batch_size, state)
     local: dict[str, list[torch.Tensor]] = defaultdict(list)
     for indices in sh.batches:
-        batch = to_device(collator(B.rows(eval_ds, indices)), state.device)
-        out = forward_logprobs(engine, batch, backend=backend_arg(cfg), logits_mean=True)
+        batch = to_device(collator(batches.rows(eval_ds, indices)), state.device)
+        out = forward_logprobs(engine, batch, backend=cfg.logprob_backend, logits_mean=True)
         res = batch_loss(cfg, out, ref.batch(batch, "eval", state.device), batch, ref.phi_star, world_size=1)
         for k, v in res.per_example.items():
             local[k].append(v.float())
     engine.train()
-    full = B.gather_examples(local, sh, state)
-    metrics = kto_metrics_from_examples(cfg, full) if cfg.is_kto else metrics_from_examples(full)
+    full = batches.gather_examples(local, sh, state)
+    metrics = kto_metrics_from_examples(full, cfg.loss_kwargs()) if cfg.is_kto else metrics_from_examples(full)
     return {k: float(v) for k, v in metrics.items()}
 
 
@@ -221,8 +266,8 @@ def batch_loss(cfg: TrainConfig, out: Any, ref_batch: Any, batch: dict[str, torc
     """The loss of one micro-batch: KTO (z0 averaged over ``world_size`` ranks) or a paired loss. Evaluation
     passes ``world_size=1``: its KTO z0 is re-estimated over the whole split from the gathered values."""
     if cfg.is_kto:
-        return kto_batch_loss(cfg, out, ref_batch, batch["label"], world_size)
-    return preference_batch_loss(cfg, out, ref_batch, phi_star)
+        return kto_batch_loss(out, ref_batch, batch["label"], cfg.loss_kwargs(), world_size)
+    return preference_batch_loss(out, ref_batch, cfg.loss_kwargs(), phi_star if cfg.uses_mallows else None)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -254,13 +299,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
 
     # --- data ---------------------------------------------------------------------------------------
-    raw_train, raw_eval = B.load_raw_splits(cfg)
-    tokenizer = B.load_tokenizer(cfg, state, raw_train)
-    train_ds = B.tokenize(cfg, raw_train, tokenizer)
-    eval_ds = B.tokenize(cfg, raw_eval, tokenizer) if raw_eval is not None else None
-    collator = B.collator(cfg, tokenizer)
-    batches = B.train_batches(cfg, train_ds, state)  # map-style (shuffled order) or a stream
-    total = B.total_steps(cfg, batches)
+    raw_train, raw_eval = batches.load_raw_splits(cfg)
+    tokenizer = batches.load_tokenizer(cfg, state, raw_train)
+    train_ds = batches.tokenize(cfg, raw_train, tokenizer)
+    eval_ds = batches.tokenize(cfg, raw_eval, tokenizer) if raw_eval is not None else None
+    collator = batches.collator(cfg, tokenizer)
+    # map-style (shuffled order) or a stream
+    reader = batches.train_batches(train_ds, cfg.per_device_train_batch_size, state.world_size,
+                                   cfg.gradient_accumulation_steps, cfg.seed)
+    total = batches.total_steps(cfg.max_steps, cfg.num_train_epochs, reader.steps_per_epoch)
 
     # --- model, reference, resume -------------------------------------------------------------------
     source = cfg.model_name_or_path
@@ -273,38 +320,40 @@ def train(cfg: TrainConfig) -> TrainResult:
                     "logits are never materialised", cfg.logits_chunk_size or "default")
     ref = setup_reference(cfg, state, engine, tokenizer, train_ds, eval_ds, collator, source)
     step, num_tokens, skipped = 0, 0, 0
-    resume = C.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+    resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     if resume is not None:
-        C.check_compatible(resume, cfg)
-        client = C.load(engine, resume, state)
+        checkpoint.check_compatible(resume, cfg.logits_mode)
+        client = checkpoint.load(engine, resume, state)
         step, num_tokens = int(client["step"]), int(client.get("num_tokens", 0))
         skipped = int(client.get("nonfinite_skipped", 0))
-        batches.restore(client, step, resume)
+        reader.restore(client, step, resume)
         logger.info("resumed from %s at step %d", resume, step)
 
     # --- loop ---------------------------------------------------------------------------------------
-    log = MetricLogger(cfg, state, total, step, resumed=resume is not None, num_tokens=num_tokens)
-    result = TrainResult(cfg.output_dir, step, total, metrics_path=str(log.path), phi_star=ref.phi_star)
+    log = metric_logger(cfg, state, total, step, resumed=resume is not None, num_tokens=num_tokens)
+    result = TrainResult(cfg.output_dir, step, total, metrics_path=str(log.path), phi_star=ref.phi_star,
+                         eval_examples=None if eval_ds is None else len(eval_ds))
     saved_at = evaluated_at = -1
     engine.train()
-    guard = NonFiniteGuard(cfg, state, engine, skipped)
+    guard = nonfinite_guard(cfg, state, engine, skipped=skipped, kept="no checkpoint was written, so the last "
+                            f"checkpoint in {cfg.output_dir} is intact")
 
     def client_state() -> dict[str, Any]:
-        return {"step": step, **batches.position(step), "consumed_samples": step * batches.global_batch,
+        return {"step": step, **reader.position(step), "consumed_samples": step * reader.global_batch,
                 "num_tokens": log.num_tokens, "phi_star": ref.phi_star, "world_size": state.world_size,
                 "nonfinite_skipped": guard.skipped}
 
     try:
-        with C.StopSignal() as stop:
+        with checkpoint.StopSignal() as stop:
             while step < total:
                 pending = []  # the step's metrics, kept only if its update is applied
-                for micro_rows in batches.micro_batches(step, state.rank):
+                for micro_rows in reader.micro_batches(step, state.rank):
                     batch = to_device(collator(micro_rows), state.device)
                     ref_batch = ref.batch(batch, "train", state.device)
-                    out = forward_logprobs(engine, batch, backend=backend_arg(cfg), logits_mean=True)
+                    out = forward_logprobs(engine, batch, backend=cfg.logprob_backend, logits_mean=True)
                     res = batch_loss(cfg, out, ref_batch, batch, ref.phi_star, state.world_size)
                     fault_point("step:forward", step + 1, state.rank)
-                    engine.backward(guard.loss_for_backward(res.loss, res.losses, out.logps, batch["index"]))
+                    engine.backward(guard.loss_for_backward(res.loss, batch["index"], res.losses, out.logps))
                     if engine.is_gradient_accumulation_boundary():
                         guard.before_step(step + 1)
                     engine.step()
@@ -319,15 +368,15 @@ def train(cfg: TrainConfig) -> TrainResult:
                               "peak_memory_mb": max_over_ranks(peak_memory_mb(state.device), state)}
                     if cfg.on_nonfinite == "skip":
                         extras["nonfinite_skipped"] = guard.skipped
-                    rec = log.log_train(step, batches.epoch_at(step), extras)
+                    rec = log.log_train(step, reader.epoch_at(step), extras)
                     result.history.append(rec.get("loss", float("nan")))
                 if eval_ds is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-                    log.log_eval(step, batches.epoch_at(step), evaluate(cfg, state, engine, eval_ds, collator, ref))
+                    log.log_eval(step, reader.epoch_at(step), evaluate(cfg, state, engine, eval_ds, collator, ref))
                     evaluated_at = step
                 stopping = any_rank(stop.received is not None, state)
                 if stopping or (cfg.save_steps and step % cfg.save_steps == 0):
-                    result.checkpoint_dir = str(C.save(engine, cfg.output_dir, step, client_state(), state,
-                                                       cfg.to_dict(), cfg.save_total_limit))
+                    result.checkpoint_dir = str(checkpoint.save(engine, cfg.output_dir, step, client_state(), state,
+                                                                cfg.to_dict(), cfg.save_total_limit))
                     saved_at = step
                 if stopping:
                     result.stopped_by = stop.received or "a signal on another rank"
@@ -342,10 +391,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     # --- end: eval, checkpoint, export, curves -----------------------------------------------------
     if result.stopped_by is None:
         if eval_ds is not None and evaluated_at != step:
-            log.log_eval(step, batches.epoch_at(step), evaluate(cfg, state, engine, eval_ds, collator, ref))
+            log.log_eval(step, reader.epoch_at(step), evaluate(cfg, state, engine, eval_ds, collator, ref))
         if saved_at != step:
-            result.checkpoint_dir = str(C.save(engine, cfg.output_dir, step, client_state(), state, cfg.to_dict(),
-                                               cfg.save_total_limit))
+            result.checkpoint_dir = str(checkpoint.save(engine, cfg.output_dir, step, client_state(), state,
+                                                        cfg.to_dict(), cfg.save_total_limit))
         if cfg.export_model:
             result.model_dir = str(export_hf(engine, tokenizer, cfg.output_dir, state))
     log.close()

@@ -16,19 +16,15 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .ds_config import build_lr_scheduler, build_ref_ds_config, build_train_ds_config
+from .ds_config import build_lr_scheduler, build_ref_ds_config, build_train_ds_config, num_warmup_steps
 from .launch import DistState
 
 logger = logging.getLogger("mallowspo_fast.trainer")
 
 
-def _dtype(cfg: TrainConfig) -> torch.dtype:
-    return torch.bfloat16 if cfg.bf16 else torch.float32
-
-
-def _zero3_loading(cfg: TrainConfig, ds_config: dict) -> Any:
+def _zero3_loading(zero_stage: int, ds_config: dict) -> Any:
     """transformers' ZeRO-3 aware loading (needs accelerate); a no-op context otherwise."""
-    if cfg.zero_stage != 3 or importlib.util.find_spec("accelerate") is None:
+    if zero_stage != 3 or importlib.util.find_spec("accelerate") is None:
         return contextlib.nullcontext(None)
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -50,12 +46,13 @@ def build_model(cfg: TrainConfig, source: str | None, tokenizer: Any, ds_config:
     """The causal LM from a directory, or fresh from ``cfg.model_config`` (seeded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if source is not None:
-        with _zero3_loading(cfg, ds_config or {}) as keep_alive:  # noqa: F841  (must outlive the load)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(cfg), **kwargs)
+        with _zero3_loading(cfg.zero_stage, ds_config or {}) as keep_alive:  # noqa: F841  (must outlive the load)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     else:
         mc = dict(cfg.model_config)
         model_type = mc.pop("model_type")
@@ -66,7 +63,7 @@ def build_model(cfg: TrainConfig, source: str | None, tokenizer: Any, ds_config:
         config = AutoConfig.for_model(model_type, **mc)
         torch.manual_seed(cfg.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
-        model = model.to(_dtype(cfg))
+        model = model.to(dtype)
     vocab = getattr(model.config, "vocab_size", None)
     if isinstance(vocab, int) and len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
@@ -77,22 +74,22 @@ def build_model(cfg: TrainConfig, source: str | None, tokenizer: Any, ds_config:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.logits_mode == "chunked":
-        model = chunked_logprobs_model(cfg, model)
+        model = chunked_logprobs_model(model, cfg.logits_chunk_size, cfg.logprob_backend)
     return model
 
 
-def chunked_logprobs_model(cfg: TrainConfig, model: Any) -> Any:
+def chunked_logprobs_model(model: Any, chunk_size: int | None, backend: str) -> Any:
     """``logits_mode: chunked``: the module handed to DeepSpeed runs the backbone and then the output
     layer chunk by chunk (``CausalLMLogprobs``), so the [B, T, V] logits never exist.
 
     The output layer is replaced by a head that owns the same Parameters (tied embeddings included),
     and the whole computation runs inside ``engine(...)``: ZeRO-3 gathers the sharded output weight
     around the head's forward and again for its backward, as for the ``nn.Linear`` it replaces. The
-    Hugging Face model stays reachable as ``.model`` (export saves it with its usual keys)."""
+    Hugging Face model stays reachable as ``.model`` (export saves it with its usual keys). ``chunk_size``
+    and ``backend`` are the config's ``logits_chunk_size`` and ``logprob_backend`` ("auto" included)."""
     from ..ops.lm_head import CausalLMLogprobs
 
-    backend = None if cfg.logprob_backend == "auto" else cfg.logprob_backend
-    return CausalLMLogprobs(model, logits_mode="chunked", chunk_size=cfg.logits_chunk_size, backend=backend)
+    return CausalLMLogprobs(model, logits_mode="chunked", chunk_size=chunk_size, backend=backend)
 
 
 def hf_model(module: Any) -> Any:
@@ -105,17 +102,16 @@ def hf_model(module: Any) -> Any:
 def policy_engine(cfg: TrainConfig, state: DistState, model: Any, total_steps: int, *,
                   learning_rate: float | None = None, scheduler: str | None = None) -> Any:
     """``deepspeed.initialize`` with AdamW and the LambdaLR schedule (DeepSpeed steps and saves it)."""
-    import dataclasses
-
     import deepspeed
 
     ds_config = build_train_ds_config(cfg, state.world_size, on_cpu=state.device.type == "cpu",
                                       learning_rate=learning_rate)
-    sched_cfg = cfg if scheduler is None else dataclasses.replace(cfg, lr_scheduler_type=scheduler)
+    kind = cfg.lr_scheduler_type if scheduler is None else scheduler
+    warmup = num_warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=params, config=ds_config,
-        lr_scheduler=lambda opt: build_lr_scheduler(opt, sched_cfg, total_steps),
+        lr_scheduler=lambda opt: build_lr_scheduler(opt, kind, warmup, total_steps),
     )
     return engine
 
@@ -128,7 +124,3 @@ def inference_engine(cfg: TrainConfig, state: DistState, model: Any) -> Any:
     engine, *_ = deepspeed.initialize(model=model, config=build_ref_ds_config(cfg, state.world_size))
     engine.eval()
     return engine
-
-
-def train_ds_config_for_loading(cfg: TrainConfig, state: DistState) -> dict:
-    return build_train_ds_config(cfg, state.world_size, on_cpu=state.device.type == "cpu")

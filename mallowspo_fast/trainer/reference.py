@@ -3,7 +3,7 @@
 Precompute: one pass over a split before training writes, per pair, the reference log-probs and mean
 token entropies of chosen and rejected (and the token counts); for KTO, per row, those of the completion
 and of its KL completion (the pairing is fixed per split at tokenisation, so a row's KL row is known before
-training, and the two halves of a ``KTOCollator`` batch land in the two columns). The pass runs on the
+training, and the two halves of a ``data.KTOCollator`` batch land in the two columns). The pass runs on the
 policy engine itself before its first step (reference = initial policy) or on a temporary engine for
 ``ref_model_name_or_path``, so no reference model is held during training. Results are cached under
 ``ref_cache_dir`` keyed by a hash of the model identity, the tokenised data and the settings that change the
@@ -25,11 +25,10 @@ from typing import Any
 
 import torch
 
-from .. import losses as L
-from . import batches as B
-from .config import TrainConfig
+from .. import losses
+from . import batches
 from .launch import DistState, any_rank, barrier
-from .step import ReferenceBatch, backend_arg, forward_logprobs, to_device
+from .step import ReferenceBatch, forward_logprobs, to_device
 
 logger = logging.getLogger("mallowspo_fast.trainer")
 _FIELDS = ("chosen_logps", "rejected_logps", "chosen_entropy", "rejected_entropy", "chosen_num_tokens",
@@ -57,14 +56,14 @@ class ReferenceTable:
                               self.vocab_size)
 
     def pair_entropy(self) -> torch.Tensor:
-        return L.pair_entropy(self.chosen_entropy, self.rejected_entropy, self.vocab_size)
+        return losses.pair_entropy(self.chosen_entropy, self.rejected_entropy, self.vocab_size)
 
     def empty_pairs(self) -> torch.Tensor:
-        return L.empty_response_pairs(self.chosen_num_tokens, self.rejected_num_tokens)
+        return losses.empty_response_pairs(self.chosen_num_tokens, self.rejected_num_tokens)
 
     def auto_phi_star(self) -> float:
         """φ* making the mean dispersion weight 1 over this split (spec §2, phi_star='auto')."""
-        return L.auto_phi_star(self.pair_entropy(), empty_pairs=self.empty_pairs())
+        return losses.auto_phi_star(self.pair_entropy(), empty_pairs=self.empty_pairs())
 
     def to_dict(self) -> dict[str, Any]:
         return {**{f: getattr(self, f) for f in _FIELDS}, "vocab_size": self.vocab_size}
@@ -84,30 +83,34 @@ def model_identity(source: str | None, model_config: dict | None, seed: int, ini
     return {"model_config": model_config, "seed": seed, "init": init_state}
 
 
-def cache_key(cfg: TrainConfig, identity: dict, data_fingerprint: str, split: str) -> str:
+def cache_key(identity: dict, data_fingerprint: str, split: str, *, bf16: bool, max_length: int | None,
+              max_prompt_length: int | None, truncation_mode: str, kl_pairing_seed: int | None = None) -> str:
+    """The cache key of a split's reference values: the model, the tokenised data and the settings that
+    change the values (``kl_pairing_seed``: KTO only, it decides which completion each row's KL row scores)."""
     settings = {
-        "model": identity, "data": data_fingerprint, "split": split, "bf16": cfg.bf16,
-        "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
-        "truncation_mode": cfg.truncation_mode, "version": 1,
+        "model": identity, "data": data_fingerprint, "split": split, "bf16": bf16,
+        "max_length": max_length, "max_prompt_length": max_prompt_length,
+        "truncation_mode": truncation_mode, "version": 1,
     }
-    if cfg.is_kto:  # the KL pairing decides which completion each row's KL row scores
-        settings["kl_pairing_seed"] = B.kl_pairing_seed(cfg)
+    if kl_pairing_seed is not None:
+        settings["kl_pairing_seed"] = kl_pairing_seed
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 @torch.no_grad()
-def compute_table(model: Any, ds: Any, collator: Any, cfg: TrainConfig, state: DistState,
-                  desc: str = "reference pass") -> ReferenceTable:
-    """Reference values for every row of ``ds`` (sharded over ranks, gathered on every rank)."""
+def compute_table(model: Any, ds: Any, collator: Any, state: DistState, *, batch_size: int, backend: str,
+                  progress_bar: bool, desc: str = "reference pass") -> ReferenceTable:
+    """Reference values for every row of ``ds`` (sharded over ranks in batches of ``batch_size`` per rank,
+    gathered on every rank); ``backend`` is the config's ``logprob_backend``."""
     was_training = model.training
     model.eval()
-    sh = B.shard(len(ds), cfg.per_device_eval_batch_size, state)
+    sh = batches.shard(len(ds), batch_size, state)
     local: dict[str, list[torch.Tensor]] = {f: [] for f in _FIELDS}
     vocab = 0
-    bar = _progress(len(sh.batches), desc, cfg, state)
+    bar = _progress(len(sh.batches), desc) if progress_bar and state.is_main else None
     for indices in sh.batches:
-        batch = to_device(collator(B.rows(ds, indices)), state.device)
-        out = forward_logprobs(model, batch, backend=backend_arg(cfg))
+        batch = to_device(collator(batches.rows(ds, indices)), state.device)
+        out = forward_logprobs(model, batch, backend=backend)
         vocab = out.vocab_size
         for name, value in (("logps", out.logps), ("entropy", out.entropy), ("num_tokens", out.num_tokens)):
             w, r = value.detach().chunk(2)
@@ -118,14 +121,12 @@ def compute_table(model: Any, ds: Any, collator: Any, cfg: TrainConfig, state: D
     if bar is not None:
         bar.close()
     model.train(was_training)
-    full = B.gather_examples(local, sh, state)
+    full = batches.gather_examples(local, sh, state)
     return ReferenceTable(**{f: full[f].float() if "num_tokens" not in f else full[f].long() for f in _FIELDS},
                           vocab_size=vocab)
 
 
-def _progress(total: int, desc: str, cfg: TrainConfig, state: DistState) -> Any:
-    if cfg.disable_tqdm or not state.is_main:
-        return None
+def _progress(total: int, desc: str) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
@@ -163,20 +164,21 @@ def read_cached_table(path: Path, key: str, rows: int) -> ReferenceTable | str:
     return ReferenceTable(**{f: saved[f] for f in _FIELDS}, vocab_size=int(saved["vocab_size"]))
 
 
-def load_or_compute(model_fn: Any, ds: Any, collator: Any, cfg: TrainConfig, state: DistState, key: str,
-                    desc: str) -> ReferenceTable:
-    """The cached table for ``key``, or compute it with ``model_fn()`` and cache it (rank 0 writes).
+def load_or_compute(model_fn: Any, ds: Any, collator: Any, state: DistState, key: str, desc: str, *,
+                    cache_dir: str, **pass_settings: Any) -> ReferenceTable:
+    """The table cached in ``cache_dir`` for ``key``, or compute it with ``model_fn()`` and cache it (rank 0
+    writes); ``pass_settings`` are the keyword arguments of :func:`compute_table`.
 
     The file carries its key and a checksum of its values; a file that cannot be read, belongs to another
     key or fails its checksum is reported and rebuilt (every rank agrees before the collective pass)."""
-    path = Path(cfg.resolved_ref_cache_dir()) / f"reference_{key}.pt"
+    path = Path(cache_dir) / f"reference_{key}.pt"
     cached: ReferenceTable | str | None = read_cached_table(path, key, len(ds)) if path.is_file() else None
     if isinstance(cached, str):
         logger.warning("reference cache %s is not usable: %s; recomputing it", path, cached)
     if not any_rank(not isinstance(cached, ReferenceTable), state):
         logger.info("reference values for %s loaded from %s", desc, path)
         return cached
-    table = compute_table(model_fn(), ds, collator, cfg, state, desc)
+    table = compute_table(model_fn(), ds, collator, state, desc=desc, **pass_settings)
     if state.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -190,9 +192,9 @@ def load_or_compute(model_fn: Any, ds: Any, collator: Any, cfg: TrainConfig, sta
 class LiveReference:
     """A reference engine evaluated on each training batch (no gradients, no optimizer)."""
 
-    def __init__(self, engine: Any, cfg: TrainConfig) -> None:
+    def __init__(self, engine: Any, backend: str) -> None:
         self.engine = engine
-        self.backend = backend_arg(cfg)
+        self.backend = backend
         self.engine.eval()
 
     @torch.no_grad()

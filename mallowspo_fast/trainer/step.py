@@ -2,23 +2,24 @@
 
 Shared by training, evaluation and the reference pass. Batches come from ``data.PreferenceCollator``:
 rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected, labels unshifted with -100 on prompt and
-padding. KTO batches (``batches.KTOCollator``) have the same [2B, T] shape: B prompt+completion rows, then
+padding. KTO batches (``data.KTOCollator``) have the same [2B, T] shape: B prompt+completion rows, then
 B prompt+mismatched-completion rows for the KL estimate. Nothing here reads a value on the host.
+
+The loss settings arrive as the keyword arguments of the loss function (``TrainConfig.loss_kwargs()``),
+not as the whole config.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .. import losses as L
-from ..ops import sequence_logprobs
+from .. import losses
+from ..ops import IGNORE_INDEX, sequence_logprobs
 from ..ops.lm_head import CausalLMLogprobs
-from .config import TrainConfig
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -34,17 +35,14 @@ class ForwardOutput:
     vocab_size: int
 
 
-def backend_arg(cfg: TrainConfig) -> str | None:
-    return None if cfg.logprob_backend == "auto" else cfg.logprob_backend
-
-
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def forward_logprobs(model: Any, batch: dict[str, torch.Tensor], *, backend: str | None,
                      logits_mean: bool = False) -> ForwardOutput:
-    """Run ``model`` (a DeepSpeed engine or a module) once and reduce its logits with the fused op.
+    """Run ``model`` (a DeepSpeed engine or a module) once and reduce its logits with the fused op
+    (``backend``: the config's ``logprob_backend``, "auto" included).
 
     The logits [2B, T, V] are only ever read by the op (and, when ``logits_mean``, by one detached mean
     over V): no log-softmax copy of them is made. With ``logits_mode: chunked`` the module is a
@@ -94,35 +92,34 @@ class BatchLoss:
     per_example: dict[str, torch.Tensor]  # [B] detached values, for exact eval aggregation
 
 
-def preference_batch_loss(cfg: TrainConfig, policy: ForwardOutput, ref: ReferenceBatch | None,
-                          phi_star: float | None) -> BatchLoss:
-    """Loss and metrics of one batch from the policy forward and the reference values."""
+def preference_batch_loss(policy: ForwardOutput, ref: ReferenceBatch | None, loss_kwargs: Mapping[str, Any],
+                          phi_star: float | None = None) -> BatchLoss:
+    """Loss and metrics of one batch from the policy forward and the reference values.
+
+    ``loss_kwargs``: the keyword arguments of ``preference_loss`` (``loss_type``, ``beta``, ...), or
+    ``{"loss_type": "orpo", "beta": λ}`` for ``orpo_loss``. ``phi_star``: the dispersion scale of the Mallows
+    losses (None: no dispersion c(x) is computed)."""
     pw, pl = policy.logps.chunk(2)
     nw, nl = policy.num_tokens.chunk(2)
     c = entropy = empty = None
     if ref is not None:
-        empty = L.empty_response_pairs(nw, nl)
-        entropy = L.pair_entropy(ref.chosen_entropy, ref.rejected_entropy, ref.vocab_size)
-        if phi_star is not None and cfg.uses_mallows:
-            c = L.neg_log_dispersion(ref.chosen_entropy, ref.rejected_entropy, ref.vocab_size, phi_star=phi_star,
-                                     chosen_num_tokens=nw, rejected_num_tokens=nl)
-    if cfg.loss_types == ["orpo"]:
-        out = L.orpo_loss(pw, pl, nw, nl, beta=cfg.beta)
+        empty = losses.empty_response_pairs(nw, nl)
+        entropy = losses.pair_entropy(ref.chosen_entropy, ref.rejected_entropy, ref.vocab_size)
+        if phi_star is not None:
+            c = losses.neg_log_dispersion(ref.chosen_entropy, ref.rejected_entropy, ref.vocab_size,
+                                          phi_star=phi_star, chosen_num_tokens=nw, rejected_num_tokens=nl)
+    kwargs = dict(loss_kwargs)
+    if kwargs["loss_type"] == "orpo":
+        out = losses.orpo_loss(pw, pl, nw, nl, beta=kwargs["beta"])
     else:
-        out = L.preference_loss(
-            pw, pl,
-            None if ref is None else ref.chosen_logps, None if ref is None else ref.rejected_logps,
-            loss_type=cfg.loss_type, loss_weights=cfg.loss_weights, beta=cfg.beta,
-            label_smoothing=cfg.label_smoothing, neg_log_dispersion=c,
-            chosen_num_tokens=nw, rejected_num_tokens=nl, length_normalization=cfg.length_normalization,
-            reference_free=cfg.reference_free, home_advantage=cfg.home_advantage, mixing_alpha=cfg.mixing_alpha,
-            simpo_gamma=cfg.simpo_gamma, add_sft_loss=cfg.add_sft_loss, sft_coef=cfg.sft_coef,
-            rpo_alpha=cfg.rpo_alpha,
+        out = losses.preference_loss(
+            pw, pl, None if ref is None else ref.chosen_logps, None if ref is None else ref.rejected_logps,
+            neg_log_dispersion=c, chosen_num_tokens=nw, rejected_num_tokens=nl, **kwargs,
         )
     lw = ll = None
     if policy.logits_mean is not None:
         lw, ll = policy.logits_mean.chunk(2)
-    metrics = L.preference_metrics(out.chosen_rewards, out.rejected_rewards, pw.detach(), pl.detach(),
+    metrics = losses.preference_metrics(out.chosen_rewards, out.rejected_rewards, pw.detach(), pl.detach(),
                                    chosen_logits_mean=lw, rejected_logits_mean=ll, neg_log_dispersion=c,
                                    pair_entropy=entropy, empty_pairs=empty)
     metrics["loss"] = out.loss.detach().float()
@@ -143,7 +140,7 @@ def preference_batch_loss(cfg: TrainConfig, policy: ForwardOutput, ref: Referenc
 def metrics_from_examples(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Exact metrics over a whole evaluation set from gathered per-example values."""
     has = values.__contains__
-    m = L.preference_metrics(
+    m = losses.preference_metrics(
         values["chosen_rewards"], values["rejected_rewards"], values["chosen_logps"], values["rejected_logps"],
         chosen_logits_mean=values.get("chosen_logits_mean"), rejected_logits_mean=values.get("rejected_logits_mean"),
         neg_log_dispersion=values.get("neg_log_dispersion"), pair_entropy=values.get("pair_entropy"),
@@ -154,7 +151,7 @@ def metrics_from_examples(values: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 # ----------------------------------------------------------------------------------------------------
-# KTO (unpaired rows; batches from batches.KTOCollator: B completion rows, then B KL rows)
+# KTO (unpaired rows; batches from data.KTOCollator: B completion rows, then B KL rows)
 KTO_SPLITS = (("chosen", True), ("rejected", False))  # TRL's names for desirable / undesirable rows
 
 
@@ -200,15 +197,16 @@ def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tenso
     return (stats[0] / stats[1]).clamp(min=0)
 
 
-def kto_batch_loss(cfg: TrainConfig, policy: ForwardOutput, ref: ReferenceBatch, labels: torch.Tensor,
+def kto_batch_loss(policy: ForwardOutput, ref: ReferenceBatch, labels: torch.Tensor, loss_kwargs: Mapping[str, Any],
                    world_size: int = 1) -> BatchLoss:
     """KTO loss and metrics of one micro-batch. ``policy`` and ``ref`` cover the [2B] rows of a KTO batch:
     ``ref.chosen_logps`` holds the reference log-probs of the completion rows, ``ref.rejected_logps`` those
-    of the KL rows (the two halves, as for a paired batch), from a live forward or the precomputed table."""
+    of the KL rows (the two halves, as for a paired batch), from a live forward or the precomputed table.
+    ``loss_kwargs``: the keyword arguments of ``kto_loss`` (``beta``, ``desirable_weight``,
+    ``undesirable_weight``)."""
     pol, pol_kl = policy.logps.chunk(2)
     z0 = kto_reference_point(pol_kl, ref.rejected_logps, world_size)
-    out = L.kto_loss(pol, ref.chosen_logps, labels, kl=z0, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
-                     undesirable_weight=cfg.undesirable_weight)
+    out = losses.kto_loss(pol, ref.chosen_logps, labels, kl=z0, **loss_kwargs)
     logits = None if policy.logits_mean is None else policy.logits_mean.chunk(2)[0]
     metrics = kto_sums(out.rewards, pol, logits, labels)
     metrics.update(loss=out.loss.detach().float(), kl=out.kl.float())
@@ -219,12 +217,12 @@ def kto_batch_loss(cfg: TrainConfig, policy: ForwardOutput, ref: ReferenceBatch,
     return BatchLoss(out.loss, out.losses.detach(), metrics, per_example)
 
 
-def kto_metrics_from_examples(cfg: TrainConfig, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def kto_metrics_from_examples(values: dict[str, torch.Tensor],
+                              loss_kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Exact KTO metrics over a whole evaluation set: z0 is re-estimated over all of its KL rows."""
     labels = values["label"].bool()
     z0 = kto_reference_point(values["policy_kl_logps"], values["ref_kl_logps"])
-    out = L.kto_loss(values["policy_logps"], values["ref_logps"], labels, kl=z0, beta=cfg.beta,
-                     desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
+    out = losses.kto_loss(values["policy_logps"], values["ref_logps"], labels, kl=z0, **loss_kwargs)
     m = kto_sums(out.rewards, values["policy_logps"], values.get("logits_mean"), labels)
     m.update({k: torch.tensor(v) for k, v in kto_means({k: float(v) for k, v in m.items()}).items()})
     m.update(loss=out.loss.float(), kl=out.kl.float())
@@ -232,9 +230,9 @@ def kto_metrics_from_examples(cfg: TrainConfig, values: dict[str, torch.Tensor])
 
 
 def chosen_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The prompt+chosen half of a collated batch (for the SFT warm-up)."""
+    """The prompt+chosen half of a collated batch (for the SFT warm-up), with the rows' ``index`` if any."""
     b = batch["input_ids"].shape[0] // 2
-    return {k: batch[k][:b] for k in ("input_ids", "attention_mask", "labels")}
+    return {k: batch[k][:b] for k in ("input_ids", "attention_mask", "labels", "index") if k in batch}
 
 
 def sft_batch_loss(out: ForwardOutput) -> torch.Tensor:

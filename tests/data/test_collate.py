@@ -145,6 +145,33 @@ def test_unpaired_collator_and_kl_rows():
         data.UnpairedCollator(0)([dict(rows[0], label=1)])
 
 
+def test_kto_collator_puts_the_kl_rows_after_the_completions():
+    rows = [
+        {"prompt_ids": [1, 2], "completion_ids": [10], "kl_completion_ids": [20, 21, 22], "label": True, "index": 4},
+        {"prompt_ids": [3], "completion_ids": [20, 21], "kl_completion_ids": [10], "label": False, "index": 1},
+    ]
+    batch = data.KTOCollator(0, pad_to_multiple_of=3)(rows)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "label", "index"}
+    # one length for both halves (the longest, 5, rounded up to 6)
+    assert batch["input_ids"].tolist() == [[1, 2, 10, 0, 0, 0], [3, 20, 21, 0, 0, 0],
+                                           [1, 2, 20, 21, 22, 0], [3, 10, 0, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 10, -100, -100, -100], [-100, 20, 21, -100, -100, -100],
+                                        [-100, -100, 20, 21, 22, -100], [-100, 10, -100, -100, -100, -100]]
+    assert batch["attention_mask"].sum(1).tolist() == [3, 3, 5, 2]
+    assert batch["label"].tolist() == [True, False] and batch["index"].tolist() == [4, 1]
+    with pytest.raises(ValueError, match=r"batch rows \[1\] have no 'kl_completion_ids'"):
+        data.KTOCollator(0)([rows[0], {k: v for k, v in rows[1].items() if k != "kl_completion_ids"}])
+
+
+def test_kl_completions_take_another_rows_completion():
+    partner = [c[0] for c in data.kl_completions([[i] for i in range(32)], seed=7)]
+    assert sorted(partner) == list(range(32))  # every completion is used once
+    assert all(p != i for i, p in enumerate(partner))  # never the row's own
+    assert partner == [c[0] for c in data.kl_completions([[i] for i in range(32)], seed=7)]  # fixed by the seed
+    assert partner != [c[0] for c in data.kl_completions([[i] for i in range(32)], seed=8)]
+    assert sum(abs(p - i) == 1 for i, p in enumerate(partner)) < 8  # not the neighbour (a split pair)
+
+
 @pytest.mark.parametrize(
     "make,match,exc",
     [

@@ -30,6 +30,7 @@ _pos = lambda v: v > 0  # noqa: E731
 _nonneg = lambda v: v >= 0  # noqa: E731
 _at_least_1 = lambda v: v is None or v >= 1  # noqa: E731
 _unit_open = lambda v: 0 <= v < 1  # noqa: E731
+_steps = lambda v: 0 <= v < 2**63  # noqa: E731  (step counts fit in int64)
 RANGES: dict[str, typing.Callable[[Any], bool]] = {
     "tokenizer_vocab_size": lambda v: v >= 300,
     "eval_ratio": _unit_open, "eval_size": _nonneg,
@@ -41,8 +42,8 @@ RANGES: dict[str, typing.Callable[[Any], bool]] = {
     "per_device_train_batch_size": _pos, "per_device_eval_batch_size": _pos, "gradient_accumulation_steps": _pos,
     "train_batch_size": _at_least_1, "learning_rate": _pos, "weight_decay": _nonneg, "adam_beta1": _unit_open,
     "adam_beta2": _unit_open, "adam_epsilon": _pos, "max_grad_norm": _nonneg, "warmup_ratio": _unit_open,
-    "warmup_steps": _nonneg, "num_train_epochs": _pos, "max_steps": lambda v: v == -1 or v >= 1,
-    "sft_warmup_steps": _nonneg, "sft_learning_rate": _pos, "seed": lambda v: 0 <= v < 2**32,
+    "warmup_steps": _steps, "num_train_epochs": _pos, "max_steps": lambda v: v == -1 or _steps(v) and v >= 1,
+    "sft_warmup_steps": _steps, "sft_learning_rate": _pos, "seed": lambda v: 0 <= v < 2**32,
     "zero_stage": lambda v: v in (0, 1, 2, 3), "logging_steps": _pos, "eval_steps": _at_least_1,
     "save_steps": _nonneg, "save_total_limit": _at_least_1,
     "output_dir": lambda v: v.strip() != "", "dataset_name": lambda v: v.strip() != "",

@@ -77,6 +77,11 @@ def test_unknown_key_names_it_and_suggests(base: dict) -> None:
         ("logprob_backend=cuda", "logprob_backend must be one of"),
         ("model_config.hidden_size.x=1", "model_config.hidden_size is 32, not a mapping"),
         ("eval_size=-1", "eval_size must be >= 0"),
+        (f"max_steps={10**30}", f"max_steps must be -1 or in [1, 2**63 - 1] (a step count fits in int64), found "
+                                f"{10**30}"),
+        ("max_steps=9223372036854775808", "max_steps must be -1 or in [1, 2**63 - 1]"),
+        (f"sft_warmup_steps={10**30}", "sft_warmup_steps must be in [0, 2**63 - 1]"),
+        ("warmup_steps=-1", "warmup_steps must be in [0, 2**63 - 1]"),
         ("eval_size=2;eval_ratio=0.1", "give one of dataset_test_split, eval_ratio and eval_size for the eval split, "
                                        "found eval_ratio=0.1, eval_size=2"),
         ("streaming=true", "streaming=true needs max_steps >= 1: a streamed training split has no length"),
@@ -122,6 +127,10 @@ def test_missing_model_and_data_are_reported(tmp_path: Path) -> None:
         load_config(None, {"model_config": {"hidden_size": 8}, "train_tokenizer": True, "dataset_name": "org/ds"})
     with pytest.raises(ValueError, match="has no config.json"):
         load_config(None, {"model_name_or_path": str(tmp_path), "dataset_name": "org/ds"})
+
+
+def test_the_largest_step_count_is_accepted(base: dict) -> None:
+    assert load_config(None, [f"max_steps={2**63 - 1}"], base=base).max_steps == 2**63 - 1
 
 
 def test_train_batch_size_sets_accumulation(base: dict) -> None:

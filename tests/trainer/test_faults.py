@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 from trainer_helpers import tiny_overrides, train_losses
 
-from mallowspo_fast.trainer import checkpoint as C
-from mallowspo_fast.trainer import load_config, train
+from mallowspo_fast.trainer import checkpoint, load_config, train
 from mallowspo_fast.trainer.faults import SAVE_POINTS
 
 HERE = Path(__file__).resolve().parent
@@ -81,14 +80,14 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resumes_exactly(
     run = killed[point]
     out = run["out"]
     assert run["ended"] == ["signal", signal.SIGKILL], run  # it really died there, mid-save
-    visible = [p.name for p in C.list_checkpoints(out)]
+    visible = [p.name for p in checkpoint.list_checkpoints(out)]
     new_visible = point in VISIBLE_AFTER
     assert visible == (["checkpoint-1", "checkpoint-2"] if new_visible else ["checkpoint-1"])  # nothing pruned yet
-    assert C.verify(out / "checkpoint-1") == []
+    assert checkpoint.verify(out / "checkpoint-1") == []
     assert (out / "latest").read_text() == ("checkpoint-2" if point == "save:latest_written" else "checkpoint-1")
     assert (out / ".tmp-checkpoint-2").is_dir() != new_visible  # the partial save stays under its temporary name
     expected = out / ("checkpoint-2" if new_visible else "checkpoint-1")
-    assert C.resolve_resume("auto", str(out)) == expected
+    assert checkpoint.resolve_resume("auto", str(out)) == expected
 
     result = train(load_config(None, _overrides(pairs_file, tokenizer_dir, out, cache, resume_from_checkpoint="auto")))
     assert result.step == 3
@@ -98,9 +97,9 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resumes_exactly(
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), (point, step)
     assert want[3] != pytest.approx(want[2], abs=1e-4)  # the steps differ: equality is informative
     # the limit of 1 holds again and the temporary directory of the killed save is gone
-    assert [p.name for p in C.list_checkpoints(out)] == ["checkpoint-3"]
-    assert not [p for p in out.iterdir() if p.name.startswith(C.TMP_PREFIX)]
-    assert (out / "latest").read_text() == "checkpoint-3" and C.verify(out / "checkpoint-3") == []
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-3"]
+    assert not [p for p in out.iterdir() if p.name.startswith(checkpoint.TMP_PREFIX)]
+    assert (out / "latest").read_text() == "checkpoint-3" and checkpoint.verify(out / "checkpoint-3") == []
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
@@ -134,10 +133,10 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_is_used(
 
 def test_checkpoint_without_manifest_is_incomplete(tmp_path: Path) -> None:
     (tmp_path / "checkpoint-5").mkdir()
-    assert C.verify(tmp_path / "checkpoint-5") == ["no manifest.json (the save did not finish)"]
-    assert C.resolve_resume("auto", str(tmp_path)) is None
+    assert checkpoint.verify(tmp_path / "checkpoint-5") == ["no manifest.json (the save did not finish)"]
+    assert checkpoint.resolve_resume("auto", str(tmp_path)) is None
     with pytest.raises(ValueError, match="no manifest.json"):
-        C.resolve_resume(str(tmp_path / "checkpoint-5"), str(tmp_path))
+        checkpoint.resolve_resume(str(tmp_path / "checkpoint-5"), str(tmp_path))
 
 
 def test_pruning_keeps_the_newest_verified_checkpoints(tmp_path: Path) -> None:
@@ -147,9 +146,9 @@ def test_pruning_keeps_the_newest_verified_checkpoints(tmp_path: Path) -> None:
         ckpt = tmp_path / f"checkpoint-{step}"
         ckpt.mkdir()
         (ckpt / "weights.pt").write_bytes(bytes([step]) * 100)
-        (ckpt / C.MANIFEST).write_text(json.dumps(C.build_manifest(ckpt)))
+        (ckpt / checkpoint.MANIFEST).write_text(json.dumps(checkpoint.build_manifest(ckpt)))
     (tmp_path / "checkpoint-3" / "weights.pt").write_bytes(b"\0" * 100)  # same size, other bytes
     (tmp_path / ".tmp-checkpoint-5").mkdir()
-    assert C.verify(tmp_path / "checkpoint-3") == ["weights.pt does not match its sha256 checksum"]
-    C.prune(tmp_path, keep=2, newest=tmp_path / "checkpoint-4")
+    assert checkpoint.verify(tmp_path / "checkpoint-3") == ["weights.pt does not match its sha256 checksum"]
+    checkpoint.prune(tmp_path, keep=2, newest=tmp_path / "checkpoint-4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]

@@ -89,23 +89,23 @@ def _naive_logps(model: torch.nn.Module, prompt: list[int], completion: list[int
 def test_batch_loss_equals_kto_loss_on_the_same_batch(kto_file: Path, tokenizer_dir: Path) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from mallowspo_fast.trainer import batches as B
+    from mallowspo_fast.trainer import batches
     from mallowspo_fast.trainer.step import ReferenceBatch, forward_logprobs, kto_batch_loss
 
     cfg = load_config(None, tiny_overrides(kto_file, tokenizer_dir, Path("unused"), beta=0.7,
                                            desirable_weight=1.3, undesirable_weight=0.4, **KTO))
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ds = B.tokenize(cfg, B.load_raw_splits(cfg)[0], tok)
+    ds = batches.tokenize(cfg, batches.load_raw_splits(cfg)[0], tok)
     torch.manual_seed(0)
     ref = LlamaForCausalLM(LlamaConfig(**{**TINY_MODEL, "vocab_size": len(tok)})).eval()
     policy = LlamaForCausalLM(LlamaConfig(**{**TINY_MODEL, "vocab_size": len(tok)})).eval()  # other weights
-    rows = B.rows(ds, [3, 0, 7, 12, 5])
-    batch = B.collator(cfg, tok)(rows)
+    rows = batches.rows(ds, [3, 0, 7, 12, 5])
+    batch = batches.collator(cfg, tok)(rows)
     assert batch["input_ids"].shape[0] == 10
     with torch.no_grad():
-        res = kto_batch_loss(cfg, forward_logprobs(policy, batch, backend="torch"),
+        res = kto_batch_loss(forward_logprobs(policy, batch, backend="torch"),
                              ReferenceBatch.from_forward(forward_logprobs(ref, batch, backend="torch")),
-                             batch["label"])
+                             batch["label"], cfg.loss_kwargs())
         naive = {name: torch.stack([_naive_logps(m, r["prompt_ids"], r[key]) for r in rows])
                  for name, m, key in (("pol", policy, "completion_ids"), ("ref", ref, "completion_ids"),
                                       ("pol_kl", policy, "kl_completion_ids"), ("ref_kl", ref, "kl_completion_ids"))}
@@ -140,7 +140,7 @@ def test_precomputed_reference_matches_the_live_one(kto_file: Path, tokenizer_di
 
 def test_reference_cache_is_reused_and_keyed_by_the_kl_pairing(kto_file: Path, tokenizer_dir: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from mallowspo_fast.trainer import reference
+    from mallowspo_fast.trainer import loop, reference
 
     passes: list[int] = []
     compute = reference.compute_table
@@ -158,18 +158,9 @@ def test_reference_cache_is_reused_and_keyed_by_the_kl_pairing(kto_file: Path, t
     assert passes == [32, 32]
     # The seed is in the key through the KL pairing itself, not only through a seeded model's identity.
     cfgs = [load_config(None, tiny_overrides(kto_file, tokenizer_dir, tmp_path / "k", seed=s, **KTO)) for s in (7, 8)]
-    keys = {reference.cache_key(c, {"model": "same"}, "same-data", "train") for c in cfgs}
+    keys = {loop.reference_cache_key(c, {"model": "same"}, "same-data", "train") for c in cfgs}
     assert len(keys) == 2
 
-
-def test_kl_rows_take_another_rows_completion() -> None:
-    from mallowspo_fast.trainer.batches import kl_completions
-
-    partner = [c[0] for c in kl_completions([[i] for i in range(32)], seed=7)]
-    assert sorted(partner) == list(range(32))  # every completion is used once
-    assert all(p != i for i, p in enumerate(partner))  # never the row's own
-    assert partner == [c[0] for c in kl_completions([[i] for i in range(32)], seed=7)]  # fixed by the seed
-    assert sum(abs(p - i) == 1 for i, p in enumerate(partner)) < 8  # not the neighbour (a split pair)
 
 @pytest.mark.parametrize("extra, message", [
     (dict(loss_type=["kto", "sigmoid"]), "cannot be combined with the paired losses"),

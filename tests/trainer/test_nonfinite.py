@@ -14,8 +14,7 @@ import pytest
 import torch
 from trainer_helpers import read_metrics, tiny_overrides, train_losses
 
-from mallowspo_fast.trainer import checkpoint as C
-from mallowspo_fast.trainer import load_config, loop, train
+from mallowspo_fast.trainer import checkpoint, load_config, loop, train
 from mallowspo_fast.trainer.faults import NonFiniteError
 
 COMMON = dict(max_steps=6, save_steps=2, lr_scheduler_type="linear", warmup_steps=2)
@@ -85,8 +84,8 @@ def test_nonfinite_loss_stops_naming_step_and_rows_and_keeps_the_checkpoint(
     message = str(err.value)
     assert f"optimizer step 3: non-finite loss or log-probs in rows [{rows[0]}]" in message, message
     assert "the last checkpoint" in message and "intact" in message
-    assert [p.name for p in C.list_checkpoints(out)] == ["checkpoint-2"]  # nothing saved after the fault
-    assert C.verify(out / "checkpoint-2") == []
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-2"]  # nothing saved after the fault
+    assert checkpoint.verify(out / "checkpoint-2") == []
     assert sorted(train_losses(out)) == [1, 2]  # step 3 was not logged
 
     monkeypatch.undo()  # the next run resumes from the intact checkpoint and matches the clean run
@@ -119,7 +118,8 @@ def test_skip_leaves_weights_moments_and_schedule_untouched_and_counts(
     torch.testing.assert_close(skipped["optimizer_state_dict"]["state"], before["optimizer_state_dict"]["state"],
                                rtol=0, atol=0)
     assert not torch.equal(after["fp32_flat_groups"][0], skipped["fp32_flat_groups"][0])
-    assert (C.list_checkpoints(out)[-1] / "trainer_state.json").read_text().count('"nonfinite_skipped": 1') == 1
+    state_file = checkpoint.list_checkpoints(out)[-1] / "trainer_state.json"
+    assert state_file.read_text().count('"nonfinite_skipped": 1') == 1
 
 
 def test_skip_stops_after_max_in_a_row(pairs_file: Path, tokenizer_dir: Path, tmp_path: Path,
@@ -129,7 +129,7 @@ def test_skip_stops_after_max_in_a_row(pairs_file: Path, tokenizer_dir: Path, tm
     with pytest.raises(NonFiniteError, match=r"optimizer step 4: 2 updates in a row were skipped") as err:
         train(_cfg(pairs_file, tokenizer_dir, out, on_nonfinite="skip", max_nonfinite_in_a_row=2))
     assert f"rows [{rows[1]}]" in str(err.value)
-    assert [p.name for p in C.list_checkpoints(out)] == ["checkpoint-2"]
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-2"]
 
 
 def test_nonfinite_gradient_norm_with_finite_loss_stops(pairs_file: Path, tokenizer_dir: Path, tmp_path: Path,
@@ -138,7 +138,7 @@ def test_nonfinite_gradient_norm_with_finite_loss_stops(pairs_file: Path, tokeni
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError, match=r"optimizer step 2: non-finite gradient norm \(every row's loss"):
         train(_cfg(pairs_file, tokenizer_dir, out))
-    assert C.list_checkpoints(out) == [] and sorted(train_losses(out)) == [1]
+    assert checkpoint.list_checkpoints(out) == [] and sorted(train_losses(out)) == [1]
 
 
 def test_zero_stage_0_fp32_checks_the_gradient_norm_itself(pairs_file: Path, tokenizer_dir: Path, tmp_path: Path,
@@ -151,3 +151,36 @@ def test_zero_stage_0_fp32_checks_the_gradient_norm_itself(pairs_file: Path, tok
     assert f"optimizer step 2: non-finite loss or log-probs in rows [{rows[0]}]" in str(err.value)
     with pytest.raises(ValueError, match="on_nonfinite=skip needs zero_stage >= 1 or bf16=true"):
         _cfg(pairs_file, tokenizer_dir, out, zero_stage=0, on_nonfinite="skip")
+
+
+@pytest.mark.parametrize("zero_stage", [3, 0])
+def test_sft_warmup_nonfinite_stops_naming_the_step_and_exports_nothing(
+        pairs_file: Path, tokenizer_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        zero_stage: int) -> None:
+    """The SFT warm-up has the main loop's guard: forward 2 is the warm-up's step 2 (no accumulation)."""
+    rows = _poison(monkeypatch, {2})
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError) as err:
+        train(_cfg(pairs_file, tokenizer_dir, out, sft_warmup_steps=3, max_steps=1, zero_stage=zero_stage))
+    message = str(err.value)
+    assert f"SFT warm-up step 2: non-finite loss or log-probs in rows [{rows[0]}]" in message, message
+    assert "the update was not applied and the warm-up was not exported" in message
+    assert not (out / "sft_warmup" / "sft_warmup_key.txt").exists()
+    assert [r["step"] for r in read_metrics(out)] == [1]  # the warm-up's step 1 only
+
+
+def test_sft_warmup_skip_counts_and_keeps_the_weights_finite(pairs_file: Path, tokenizer_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    _poison(monkeypatch, {2})
+    out = tmp_path / "run"
+    result = train(_cfg(pairs_file, tokenizer_dir, out, sft_warmup_steps=3, max_steps=2, on_nonfinite="skip"))
+    assert result.step == 2 and result.stopped_by is None
+    sft = {r["step"]: r for r in read_metrics(out) if r.get("phase") == "sft"}
+    assert [sft[s]["nonfinite_skipped"] for s in (1, 2, 3)] == [0, 1, 1]
+    assert "sft_loss" not in sft[2] and all(math.isfinite(sft[s]["sft_loss"]) for s in (1, 3))
+    main = [r for r in read_metrics(out) if "learning_rate" in r and r.get("phase") != "sft"]
+    assert [r["nonfinite_skipped"] for r in main] == [0, 0]  # the preference loop counts its own
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "sft_warmup" / "model.safetensors")
+    assert weights and all(bool(torch.isfinite(w).all()) for w in weights.values())

@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 from trainer_helpers import read_metrics, tiny_overrides
 
-from mallowspo_fast.trainer import checkpoint as C
-from mallowspo_fast.trainer import load_config, train
+from mallowspo_fast.trainer import checkpoint, load_config, train
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = Path(sys.executable).parent / "deepspeed"
@@ -74,7 +73,8 @@ def test_killed_rank_fails_the_job_promptly_and_resume_matches_an_uninterrupted_
     exit_seconds = ended - _fault_time(output)
     print(f"killed rank: the job exited {exit_seconds:.1f} s after the SIGKILL (return code {proc.returncode})")
     assert exit_seconds < 60, output[-3000:]  # generous: the launcher reacts in about a second when idle
-    assert [p.name for p in C.list_checkpoints(out)] == ["checkpoint-2"] and C.verify(out / "checkpoint-2") == []
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-2"]
+    assert checkpoint.verify(out / "checkpoint-2") == []
     assert sorted(_metrics_by_step(out)) == [1, 2]
 
     proc, _ = _launch(dict(cfg, resume_from_checkpoint="auto"), tmp_path, {}, timeout=300)

@@ -10,8 +10,7 @@ import datasets
 import pytest
 from trainer_helpers import memorisable_pairs, read_metrics, tiny_overrides, train_losses, write_jsonl
 
-from mallowspo_fast.trainer import batches as B
-from mallowspo_fast.trainer import load_config, train
+from mallowspo_fast.trainer import batches, load_config, train
 
 # A reference-based loss on a stream: live reference engine and a numeric phi_star (validated).
 STREAM = dict(streaming=True, precompute_ref_log_probs=False)
@@ -21,13 +20,13 @@ def _stream(n: int) -> datasets.IterableDataset:
     return datasets.Dataset.from_list([{"i": k} for k in range(n)]).to_iterable_dataset()
 
 
-def _read(batches: B.StreamBatches, steps: range, rank: int) -> list[list[list[int]]]:
-    return [[[r["i"] for r in micro] for micro in batches.micro_batches(s, rank)] for s in steps]
+def _read(reader: batches.StreamBatches, steps: range, rank: int) -> list[list[list[int]]]:
+    return [[[r["i"] for r in micro] for micro in reader.micro_batches(s, rank)] for s in steps]
 
 
 def test_stream_order_epochs_rank_slices_and_resume() -> None:
     # 10 rows, global batch 4 = 1 pair x 2 ranks x 2 micro-batches: 2 steps per epoch, 2 rows dropped.
-    ranks = [B.StreamBatches(_stream(10), 1, 2, 2, seed=3) for _ in range(2)]
+    ranks = [batches.StreamBatches(_stream(10), 1, 2, 2, seed=3) for _ in range(2)]
     got = [_read(b, range(6), rank) for rank, b in enumerate(ranks)]
     steps = []
     for s in range(6):
@@ -41,18 +40,18 @@ def test_stream_order_epochs_rank_slices_and_resume() -> None:
     assert (ranks[0].epoch, ranks[0].rows_in_epoch) == (2, 8)
 
     # Resume after step 3 (epoch 1, 4 rows read): the next steps are the same.
-    first = B.StreamBatches(_stream(10), 1, 2, 2, seed=3)
+    first = batches.StreamBatches(_stream(10), 1, 2, 2, seed=3)
     _read(first, range(3), 0)
     client = first.position(3)
     assert (client["epoch"], client["rows_in_epoch"]) == (1, 4)
-    resumed = B.StreamBatches(_stream(10), 1, 2, 2, seed=3)
+    resumed = batches.StreamBatches(_stream(10), 1, 2, 2, seed=3)
     resumed.restore(client, 3, Path("checkpoint-3"))
     assert _read(resumed, range(3, 6), 0) == got[0][3:]
 
 
 def test_stream_shorter_than_one_global_batch_fails_at_once() -> None:
     with pytest.raises(ValueError, match="yields 3 pairs, fewer than one global batch of 4"):
-        B.StreamBatches(_stream(3), 2, 1, 2, seed=0)
+        batches.StreamBatches(_stream(3), 2, 1, 2, seed=0)
 
 
 def test_eval_size_holds_out_the_head_of_a_stream_or_a_random_sample(pairs_file: Path, tokenizer_dir: Path,
@@ -60,7 +59,7 @@ def test_eval_size_holds_out_the_head_of_a_stream_or_a_random_sample(pairs_file:
     prompts = [r["prompt"] for r in memorisable_pairs()]
     cfg = load_config(None, tiny_overrides(pairs_file, tokenizer_dir, tmp_path, eval_size=3, max_eval_samples=2,
                                            max_train_samples=5, **STREAM))
-    train_split, eval_split = B.load_raw_splits(cfg)
+    train_split, eval_split = batches.load_raw_splits(cfg)
     assert isinstance(train_split, datasets.IterableDataset) and isinstance(eval_split, datasets.Dataset)
     assert [r["prompt"][0]["content"] for r in eval_split] == prompts[:2]
     assert [r["prompt"][0]["content"] for r in train_split] == prompts[3:8]
@@ -70,11 +69,11 @@ def test_eval_size_holds_out_the_head_of_a_stream_or_a_random_sample(pairs_file:
     write_jsonl(memorisable_pairs()[:12], folder / "train.jsonl")
     write_jsonl(memorisable_pairs()[12:], folder / "test.jsonl")
     cfg = load_config(None, tiny_overrides(folder, tokenizer_dir, tmp_path, dataset_test_split="test", **STREAM))
-    train_split, eval_split = B.load_raw_splits(cfg)  # the test split is streamed too, then kept in memory
+    train_split, eval_split = batches.load_raw_splits(cfg)  # the test split is streamed too, then kept in memory
     assert isinstance(eval_split, datasets.Dataset)
     assert [r["prompt"][0]["content"] for r in eval_split] == prompts[12:]
 
-    train_split, eval_split = B.load_raw_splits(load_config(None, tiny_overrides(pairs_file, tokenizer_dir,
+    train_split, eval_split = batches.load_raw_splits(load_config(None, tiny_overrides(pairs_file, tokenizer_dir,
                                                                                  tmp_path, eval_size=3)))
     held_out = [r["prompt"][0]["content"] for r in eval_split]
     assert len(held_out) == 3 and len(train_split) == 13 and held_out != prompts[:3]
@@ -89,7 +88,7 @@ def test_streamed_run_equals_the_map_style_run_in_the_same_order(pairs_file: Pat
     common = dict(max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                   precompute_ref_log_probs=False)
     pairs = memorisable_pairs()
-    order = B.TrainOrder(len(pairs), 2, 1, 2, seed=7)
+    order = batches.TrainOrder(len(pairs), 2, 1, 2, seed=7)
     perm = [i for s in range(4) for m in range(2) for i in order.micro_batch(0, s, m, 0)]
     laid_out: list = [None] * len(pairs)
     for position, row in zip(perm, pairs):
@@ -98,7 +97,7 @@ def test_streamed_run_equals_the_map_style_run_in_the_same_order(pairs_file: Pat
     want = train_losses(train(load_config(None, tiny_overrides(map_file, tokenizer_dir, tmp_path / "map",
                                                                **common))).output_dir)
 
-    monkeypatch.setattr(B, "STREAM_SHUFFLE_BUFFER", 0)
+    monkeypatch.setattr(batches, "STREAM_SHUFFLE_BUFFER", 0)
     got = train_losses(train(load_config(None, tiny_overrides(pairs_file, tokenizer_dir, tmp_path / "stream",
                                                               streaming=True, **common))).output_dir)
     assert sorted(got) == [1, 2, 3, 4]
