@@ -1,13 +1,16 @@
-"""Launchers and autograd Functions of the Triton kernels (validate, allocate, grid).
+"""Triton backend of the op: the backend contract (``forward``, ``backward``, ``sequence_reduce``;
+docs/kernels.md) as launchers of the kernels (validate, allocate, grid). No autograd here.
 
 Launch heuristics (one program per token; V is streamed in blocks of BLOCK_V columns):
-- BLOCK_V = next power of two of V, capped at 16 KiB of input per block (4096 fp32 / 8192 bf16, fp16
-  columns). Below the cap one block covers the row; above it the online softmax loops
+- BLOCK_V = next power of two of V, capped at 16 KiB of input per block (4096 fp32 / 8192 bf16, fp16 /
+  2048 fp64 columns). Below the cap one block covers the row; above it the online softmax loops
   ceil(V / BLOCK_V) times (V = 32000 bf16: 4 iterations; V = 262144 bf16: 32).
 - num_warps = BLOCK_V / 512 clamped to [1, 16]: 16 columns per thread in the steady state, enough
-  loads in flight per thread to cover HBM latency while the per-thread fp32 temporaries (z, e, e·z)
+  loads in flight per thread to cover HBM latency while the per-thread temporaries (z, e, e·z)
   stay far below the register limit (checked by the AOT report: zero spills at V up to 256000).
-Per-call scalars (seq_len, V, ignore_index, 1/T) are runtime arguments: changing them never recompiles.
+Per-call scalars (seq_len, V, ignore_index, the transform's pre and post) are runtime arguments:
+changing them never recompiles. The compile-time flags come from the arguments: HAS_LABELS (labels
+given), HAS_SOFTCAP (``transform.has_softcap``), RETURN_STATS, HAS_GRAD_* (upstream grads given).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import torch
 import triton
 
 from .._kernels import _sequence_reduce_kernel, _token_logprobs_bwd_kernel, _token_logprobs_fwd_kernel
+from .transform import LogitTransform, RowStats
 
 MAX_BLOCK_BYTES = 16 * 1024
+LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def launch_config(vocab_size: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -28,148 +33,127 @@ def launch_config(vocab_size: int, dtype: torch.dtype) -> tuple[int, int]:
     return block, warps
 
 
-def _no_labels(device: torch.device) -> torch.Tensor:
+def reduce_block(seq_len: int) -> int:
+    """BLOCK_T of the per-sequence reduction: one block up to 1024 tokens, then a loop."""
+    return min(1024, triton.next_power_of_2(max(seq_len, 16)))
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels accumulate and return in for logits of ``dtype`` (the kernels' ACC)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_logits(logits: torch.Tensor, where: str) -> None:
+    if logits.dim() != 3:
+        raise ValueError(f"{where}: expected logits [B, T, V], got shape {tuple(logits.shape)}")
+    if logits.dtype not in LOGITS_DTYPES:
+        raise TypeError(f"{where}: expected fp32/bf16/fp16/fp64 logits, got {logits.dtype}")
+    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
+        raise ValueError(f"{where}: expected unit stride along V, got strides {tuple(logits.stride())}")
+
+
+def _unused_int64(device: torch.device) -> torch.Tensor:
     """A valid int64 pointer for the labels slot when HAS_LABELS=False (never read)."""
     return torch.empty(1, 1, dtype=torch.int64, device=device)
 
 
-def _fwd(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int, inv_temp: float):
-    """-> (logp, entropy, lse) fp32 [B, T]; without labels logp is None and every row is computed."""
+def forward(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int, transform: LogitTransform,
+            return_stats: bool = False) -> RowStats:
+    """logits [B, T, V] (any batch/time strides, unit stride along V), labels [B, T] int64 or None ->
+    RowStats of fresh [B, T] tensors in the accumulation dtype (``is_top1`` bool); masked rows 0."""
+    _check_logits(logits, "triton_path.forward")
     batch, seq, vocab = logits.shape
-    n = batch * seq
+    acc = accumulation_dtype(logits.dtype)
     has_labels = labels is not None
-    out = torch.empty(3 if has_labels else 2, batch, seq, dtype=torch.float32, device=logits.device)
-    logp, entropy, lse = (out[0], out[1], out[2]) if has_labels else (None, out[0], out[1])
-    if n > 0:
+
+    def new(dtype=acc):
+        return torch.empty(batch, seq, dtype=dtype, device=logits.device)
+
+    logp, entropy, lse = new() if has_labels else None, new(), new()
+    log_sum_sq = mean = top1 = None
+    if return_stats:
+        log_sum_sq, mean = new(), new()
+        top1 = new(torch.bool) if has_labels else None
+    if batch * seq > 0:
         block, warps = launch_config(vocab, logits.dtype)
-        lab = labels if has_labels else _no_labels(logits.device)
-        _token_logprobs_fwd_kernel[(n,)](
-            logits, lab, logp if has_labels else entropy, entropy, lse,
+        lab = labels if has_labels else _unused_int64(logits.device)
+        # Slots of outputs a variant does not write get a valid tensor of the accumulation dtype; the
+        # flags compile their stores away.
+        _token_logprobs_fwd_kernel[(batch * seq,)](
+            logits, lab, logp if has_labels else lse, entropy, lse,
+            log_sum_sq if return_stats else lse, mean if return_stats else lse, top1 if top1 is not None else lse,
             seq, vocab,
             logits.stride(0), logits.stride(1), lab.stride(0), lab.stride(1),
-            ignore_index, inv_temp,
-            HAS_LABELS=has_labels, BLOCK_V=block, num_warps=warps,
+            ignore_index, transform.pre, transform.post, transform.pre, transform.post,
+            HAS_LABELS=has_labels, HAS_SOFTCAP=transform.has_softcap, RETURN_STATS=return_stats,
+            BLOCK_V=block, num_warps=warps,
         )
-    return logp, entropy, lse
+    return RowStats(logp, entropy, lse, log_sum_sq, mean, top1)
 
 
-def _bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ignore_index, inv_temp, inplace):
+def _upstream(grad: torch.Tensor | None, batch: int, seq: int, acc: torch.dtype) -> torch.Tensor | None:
+    """An upstream grad as a [B, T] view of the accumulation dtype: expanded views keep their zero
+    strides (a per-sequence grad is never copied over T); other dtypes are converted once (O(B·T))."""
+    if grad is None:
+        return None
+    return grad.to(acc).expand(batch, seq)
+
+
+def backward(logits: torch.Tensor, labels: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor,
+             grad_logps: torch.Tensor | None, grad_entropy: torch.Tensor | None, grad_lse: torch.Tensor | None,
+             ignore_index: int, transform: LogitTransform, inplace: bool) -> torch.Tensor:
+    """dL/dlogits [B, T, V] in the logits dtype: a new tensor, or written over ``logits`` (``inplace``;
+    each element is read before it is written). Masked rows get exactly 0 and are not read."""
+    _check_logits(logits, "triton_path.backward")
+    if grad_lse is not None and labels is not None:
+        raise ValueError("triton_path.backward: grad_lse is only supported without labels (labels is not None)")
     batch, seq, vocab = logits.shape
+    acc = accumulation_dtype(logits.dtype)
     grad = logits if inplace else torch.empty_like(logits)
     if batch * seq == 0:
         return grad
+    g = _upstream(grad_logps, batch, seq, acc)
+    if grad_lse is not None:
+        # ∂lse/∂z_j = p_j: the kernel's −g·p_j term with g = −∂L/∂lse (no label term without labels).
+        g = -_upstream(grad_lse, batch, seq, acc)
+    h = _upstream(grad_entropy, batch, seq, acc)
+    if g is None and h is None:
+        return grad.zero_()
     block, warps = launch_config(vocab, logits.dtype)
-    has_g, has_h = grad_logp is not None, grad_entropy is not None
     # Unused pointer slots get a valid tensor; the HAS_* flags compile their loads away.
-    g = grad_logp if has_g else lse
-    h = grad_entropy if has_h else lse
-    lab = labels if labels is not None else _no_labels(logits.device)
+    g_arg = g if g is not None else lse
+    h_arg = h if h is not None else lse
+    lab = labels if labels is not None else _unused_int64(logits.device)
     _token_logprobs_bwd_kernel[(batch * seq,)](
-        logits, grad, lab, lse, entropy, g, h,
+        logits, grad, lab, lse, entropy, g_arg, h_arg,
         seq, vocab,
         logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
         lab.stride(0), lab.stride(1),
-        g.stride(0), g.stride(1), h.stride(0), h.stride(1),
-        ignore_index, inv_temp,
-        HAS_GRAD_LOGP=has_g, HAS_GRAD_ENTROPY=has_h, HAS_LABELS=labels is not None,
-        BLOCK_V=block, num_warps=warps,
+        g_arg.stride(0), g_arg.stride(1), h_arg.stride(0), h_arg.stride(1),
+        ignore_index, transform.pre, transform.post, transform.pre, transform.post,
+        HAS_GRAD_LOGP=g is not None, HAS_GRAD_ENTROPY=h is not None, HAS_LABELS=labels is not None,
+        HAS_SOFTCAP=transform.has_softcap, BLOCK_V=block, num_warps=warps,
     )
     return grad
 
 
-class TokenLogprobsTritonFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, ignore_index, temperature, inplace_backward):
-        inv_temp = 1.0 / float(temperature)
-        logp, entropy, lse = _fwd(logits, labels, ignore_index, inv_temp)
-        ctx.save_for_backward(logits, labels, lse, entropy)
-        ctx.ignore_index, ctx.inv_temp, ctx.inplace = ignore_index, inv_temp, inplace_backward
-        ctx.set_materialize_grads(False)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None
-        logits, labels, lse, entropy = ctx.saved_tensors
-        grad = _bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ctx.ignore_index, ctx.inv_temp,
-                    ctx.inplace)
-        return grad, None, None, None, None
-
-
-class TokenEntropyTritonFunction(torch.autograd.Function):
-    """Entropy and logsumexp of every row (no labels): one pass forward, one read + one write backward."""
-
-    @staticmethod
-    def forward(ctx, logits, temperature, inplace_backward):
-        inv_temp = 1.0 / float(temperature)
-        _, entropy, lse = _fwd(logits, None, 0, inv_temp)
-        ctx.save_for_backward(logits, lse, entropy)
-        ctx.inv_temp, ctx.inplace = inv_temp, inplace_backward
-        ctx.set_materialize_grads(False)
-        return entropy, lse
-
-    @staticmethod
-    def backward(ctx, grad_entropy, grad_lse):
-        if grad_entropy is None and grad_lse is None:
-            return None, None, None
-        logits, lse, entropy = ctx.saved_tensors
-        # ∂lse/∂z_j = p_j: the kernel's −g·p_j term with g = −∂L/∂lse (no label term without labels).
-        g = -grad_lse if grad_lse is not None else None
-        grad = _bwd(logits, None, lse, entropy, g, grad_entropy, 0, ctx.inv_temp, ctx.inplace)
-        return grad, None, None
-
-
-class SequenceLogprobsTritonFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, ignore_index, temperature, inplace_backward):
-        inv_temp = 1.0 / float(temperature)
-        logp, entropy, lse = _fwd(logits, labels, ignore_index, inv_temp)
-        batch, seq = labels.shape
-        seq_logp = torch.empty(batch, dtype=torch.float32, device=logits.device)
-        seq_entropy = torch.empty_like(seq_logp)
-        num_tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
-        if batch > 0:
-            _sequence_reduce_kernel[(batch,)](
-                labels, logp, entropy, seq_logp, seq_entropy, num_tokens,
-                seq, labels.stride(0), labels.stride(1), ignore_index,
-                BLOCK_T=min(1024, triton.next_power_of_2(max(seq, 16))), num_warps=4,
-            )
-        ctx.save_for_backward(logits, labels, lse, entropy, num_tokens)
-        ctx.ignore_index, ctx.inv_temp, ctx.inplace = ignore_index, inv_temp, inplace_backward
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(num_tokens)
-        return seq_logp, seq_entropy, num_tokens
-
-    @staticmethod
-    def backward(ctx, grad_seq_logp, grad_seq_entropy, _grad_count):
-        if grad_seq_logp is None and grad_seq_entropy is None:
-            return None, None, None, None, None
-        logits, labels, lse, entropy, num_tokens = ctx.saved_tensors
-        seq = labels.shape[1]
-        # Per-sequence upstream grads broadcast over time through a zero stride: no [B, T] copies.
-        g = grad_seq_logp.float().unsqueeze(1).expand(-1, seq) if grad_seq_logp is not None else None
-        h = None
-        if grad_seq_entropy is not None:
-            h = (grad_seq_entropy.float() / num_tokens.clamp(min=1).float()).unsqueeze(1).expand(-1, seq)
-        grad = _bwd(logits, labels, lse, entropy, g, h, ctx.ignore_index, ctx.inv_temp, ctx.inplace)
-        return grad, None, None, None, None
-
-
-def triton_token_logprobs(logits, labels, ignore_index, temperature, inplace_backward=False):
-    """logits [B, T, V] (unit stride along V), labels [B, T] -> fp32 (logps [B, T], entropy [B, T])."""
-    return TokenLogprobsTritonFunction.apply(logits, labels, int(ignore_index), float(temperature),
-                                             bool(inplace_backward))
-
-
-def triton_token_entropy(logits, temperature, inplace_backward=False):
-    """logits [B, T, V] (unit stride along V) -> fp32 (entropy [B, T], lse [B, T]) of every row."""
-    return TokenEntropyTritonFunction.apply(logits, float(temperature), bool(inplace_backward))
-
-
-def triton_sequence_logprobs(logits, labels, ignore_index, temperature, inplace_backward=False):
-    """logits [B, T, V], labels [B, T] -> (logps [B], entropy [B], num_tokens [B])."""
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    return SequenceLogprobsTritonFunction.apply(logits, labels, int(ignore_index), float(temperature),
-                                                bool(inplace_backward))
+def sequence_reduce(labels: torch.Tensor, logps: torch.Tensor, entropy: torch.Tensor,
+                    ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """labels [B, T], logps / entropy [B, T] (outputs of ``forward``) -> (Σ logps [B], mean entropy over
+    the unmasked tokens [B] (0 when none), num_tokens [B] int64) in the dtype of ``logps``; fixed order."""
+    if logps.dtype != entropy.dtype or logps.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"triton_path.sequence_reduce: expected fp32 or fp64 logps and entropy of one dtype, "
+                        f"got {logps.dtype} and {entropy.dtype}")
+    batch, seq = labels.shape
+    # The kernel reads the per-token values as contiguous [B, T] rows (what forward returns).
+    logps, entropy = logps.contiguous(), entropy.contiguous()
+    seq_logp = torch.empty(batch, dtype=logps.dtype, device=logps.device)
+    seq_entropy = torch.empty_like(seq_logp)
+    num_tokens = torch.empty(batch, dtype=torch.int64, device=logps.device)
+    if batch > 0:
+        _sequence_reduce_kernel[(batch,)](
+            labels, logps, entropy, seq_logp, seq_entropy, num_tokens,
+            seq, labels.stride(0), labels.stride(1), ignore_index,
+            BLOCK_T=reduce_block(seq), num_warps=4,
+        )
+    return seq_logp, seq_entropy, num_tokens
