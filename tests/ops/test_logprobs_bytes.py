@@ -1,8 +1,11 @@
-"""Prove the byte budget of KERNELS.md §2 by counting what the kernels load and store.
+"""Prove the byte budget of docs/kernels.md §Byte budget by counting what the kernels load and store.
 
 Under TRITON_INTERPRET=1 every tl.load/tl.store goes through the interpreter's builder; wrapping it
 records the address of every element touched, so "each unmasked logit is read exactly once" becomes
-a set equality with multiplicities, not an argument.
+a set equality with multiplicities, not an argument. The launchers of the Triton backend
+(``triton_path.forward`` / ``backward`` / ``sequence_reduce``) are called directly, with every
+compile-time flag: the soft cap and the statistics change what is computed per element, never what is
+read or written per element.
 """
 
 from __future__ import annotations
@@ -15,11 +18,19 @@ import numpy as np
 import pytest
 import torch
 
-import mallowspo_fast as mpf
+from mallowspo_fast.ops import triton_path
+from mallowspo_fast.ops.transform import IDENTITY, LogitTransform
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="byte counting needs the Triton interpreter"
 )
+
+IGNORE = -100
+SOFTCAP = LogitTransform(temperature=0.7, softcap=30.0, logit_scale=2.0)
+# (transform, return_stats): the flags off (the budget of the plain op), each flag alone, both.
+FLAGS = {"plain": (IDENTITY, False), "softcap": (SOFTCAP, False), "stats": (IDENTITY, True),
+         "softcap+stats": (SOFTCAP, True)}
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
 @contextmanager
@@ -66,7 +77,11 @@ def _in_buffer(records, tensor):
     return counts, nbytes
 
 
-def _expected_elements(logits, labels, ignore_index=-100):
+def _total(records) -> int:
+    return sum(a.size * s for a, s in records)
+
+
+def _expected_elements(logits, labels, ignore_index=IGNORE):
     """Storage element indices of the unmasked rows of a [B, T, V] view."""
     keep = []
     b_idx, t_idx = torch.nonzero(labels != ignore_index, as_tuple=True)
@@ -77,118 +92,147 @@ def _expected_elements(logits, labels, ignore_index=-100):
     return keep
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def _masked_labels(vocab):
+    labels = torch.randint(0, vocab, (3, 6))
+    labels[0, :4] = IGNORE
+    labels[2] = IGNORE
+    return labels
+
+
+# ------------------------------------------------------------------------------------------ forward
+
+
+@pytest.mark.parametrize("flags", list(FLAGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("vocab", [37, 5000])
-def test_forward_reads_each_unmasked_logit_once(dtype, vocab):
+def test_forward_reads_each_unmasked_logit_once_and_writes_per_row_values(dtype, vocab, flags):
+    transform, stats = FLAGS[flags]
     full = torch.randn(3, 7, vocab).to(dtype)
     logits = full[:, :-1]  # shifted view: rows of the last position are never touched
-    labels = torch.randint(0, vocab, (3, 6))
-    labels[0, :4] = -100
-    labels[2] = -100
+    labels = _masked_labels(vocab)
     with record_memory_traffic() as (loads, stores):
-        mpf.sequence_logprobs(logits, labels, backend="triton")
+        out = triton_path.forward(logits, labels, IGNORE, transform, stats)
     counts, nbytes = _in_buffer(loads, full)
     expected = _expected_elements(logits, labels)
     assert set(counts) == set(expected), "forward must read exactly the unmasked rows' logits"
     assert max(counts.values()) == 1, "each logit is read exactly once"
-    n_tokens = int((labels != -100).sum())
-    assert nbytes == n_tokens * vocab * full.element_size()
-    # Everything written is O(N): per-token logp/H/lse and per-sequence outputs.
-    written = sum(a.size * s for a, s in stores)
-    assert written <= 3 * 4 * labels.numel() + 3 * 8 * labels.shape[0]
+    assert nbytes == len(expected) * full.element_size()
+    # Besides the logits only the labels are read, once per row (8 bytes each).
+    assert _total(loads) == nbytes + 8 * labels.numel()
+    # Every row writes logp, H and lse (masked rows: zeros) in the accumulation dtype; the statistics
+    # add log Σp² and the mean logit (same dtype) and is_top1 (one byte). Each output element once.
+    acc = 8 if dtype == torch.float64 else 4
+    per_row = 3 * acc + ((2 * acc + 1) if stats else 0)
+    assert _total(stores) == per_row * labels.numel()
+    for t in out:
+        if t is not None:
+            written, _ = _in_buffer(stores, t)
+            assert len(written) == t.numel() and max(written.values()) == 1
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
-def test_backward_reads_once_writes_once(dtype, inplace):
-    vocab = 3000
-    leaf = torch.randn(2, 5, vocab).to(dtype).requires_grad_(True)
-    # In place needs a non-leaf buffer to reuse; out of place, the kernel's buffer becomes leaf.grad.
-    logits = leaf * 1 if inplace else leaf
-    labels = torch.randint(0, vocab, (2, 5))
-    labels[1, 1:] = -100
-    seq = mpf.sequence_logprobs(logits, labels, backend="triton", inplace_backward=inplace)
-    loss = (seq.logps * torch.tensor([0.3, -1.2]) + seq.entropy).sum()
-    with record_memory_traffic() as (loads, stores):
-        loss.backward()
-    grad = leaf.grad
-    logits = logits.detach()
-    # Loads of logits: each unmasked element once, masked rows never.
-    read_counts, read_bytes = _in_buffer(loads, logits)
-    expected = _expected_elements(logits, labels)
-    assert set(read_counts) == set(expected) and max(read_counts.values()) == 1
-    assert read_bytes == len(expected) * logits.element_size()
-    # Stores into the gradient buffer: every element exactly once (masked rows get their zeros).
-    target = logits if inplace else grad
-    write_counts, write_bytes = _in_buffer(stores, target)
-    if inplace:
-        # The in-place gradient lives in the logits buffer and flows straight to the leaf.
-        assert write_bytes == logits.numel() * logits.element_size()
-    else:
-        assert write_bytes == grad.numel() * grad.element_size()
-    assert len(write_counts) == logits.numel() and max(write_counts.values()) == 1
-
-
-def test_out_of_range_labels_never_read_out_of_bounds():
-    """Bypass the CPU validation and call the kernels directly with bad labels: no access outside the
-    row, NaN for the bad tokens (the GPU contract, where raising would need a host sync)."""
-    from mallowspo_fast.ops.triton_path import triton_token_logprobs
-
-    vocab = 50
-    logits = torch.randn(1, 4, vocab)
-    labels = torch.tensor([[3, vocab, -7, 10**6]])
-    with record_memory_traffic() as (loads, _):
-        logps, entropy = triton_token_logprobs(logits, labels, -100, 1.0)
-    start = logits.untyped_storage().data_ptr()
-    end = start + logits.untyped_storage().nbytes()
-    for addrs, _itemsize in loads:
-        outside_labels = addrs[(addrs < start) | (addrs >= end)]
-        # Every address outside the logits belongs to the (tiny) labels tensor.
-        lab0 = labels.untyped_storage().data_ptr()
-        assert np.all((outside_labels >= lab0) & (outside_labels < lab0 + labels.numel() * 8))
-    assert torch.isfinite(logps[0, 0]) and torch.isnan(logps[0, 1:]).all()
-    assert torch.isfinite(entropy).all()
-
-
-# ------------------------------------------------------------------ without labels (labels=None)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("flags", list(FLAGS))
 @pytest.mark.parametrize("vocab", [37, 5000])
-def test_no_labels_forward_reads_every_logit_once_and_writes_two_floats_per_row(dtype, vocab):
-    full = torch.randn(3, 7, vocab).to(dtype)
+def test_no_labels_forward_reads_every_logit_once_and_writes_two_floats_per_row(vocab, flags):
+    transform, stats = FLAGS[flags]
+    full = torch.randn(3, 7, vocab).to(torch.bfloat16)
     logits = full[:, :-1]  # the last position of each sequence is never touched
     with record_memory_traffic() as (loads, stores):
-        out = mpf.token_logprobs(logits, None, backend="triton")
+        out = triton_path.forward(logits, None, IGNORE, transform, stats)
     counts, nbytes = _in_buffer(loads, full)
     expected = _expected_elements(logits, torch.zeros(3, 6, dtype=torch.long))
     assert set(counts) == set(expected), "the forward must read exactly the rows of the view"
     assert max(counts.values()) == 1, "each logit is read exactly once: one pass, no second kernel"
-    assert nbytes == logits.shape[0] * logits.shape[1] * vocab * full.element_size()
-    # Nothing but the logits is read (no labels), and only H and lse are written: 2 fp32 per row.
-    assert sum(a.size * s for a, s in loads) == nbytes
-    assert sum(a.size * s for a, s in stores) == 2 * 4 * 3 * 6
-    assert out.entropy.shape == (3, 6)
+    # Nothing but the logits is read (no labels); H and lse are written (+ log Σp² and the mean).
+    assert _total(loads) == nbytes == logits.shape[0] * logits.shape[1] * vocab * full.element_size()
+    assert _total(stores) == (4 if stats else 2) * 4 * 3 * 6
+    assert out.logps is None and out.is_top1 is None and out.entropy.shape == (3, 6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sequence_reduce_reads_the_per_token_values_once_and_writes_three_per_sequence():
+    labels = _masked_labels(50)
+    logps, entropy = torch.randn(3, 6), torch.rand(3, 6)
+    with record_memory_traffic() as (loads, stores):
+        triton_path.sequence_reduce(labels, logps, entropy, IGNORE)
+    assert _total(loads) == (8 + 4 + 4) * labels.numel()
+    assert _total(stores) == (4 + 4 + 8) * 3
+
+
+def test_out_of_range_labels_never_read_out_of_bounds():
+    """Bad labels straight to the kernels: no access outside the row, NaN for the bad tokens (the GPU
+    contract, where raising would need a host sync)."""
+    vocab = 50
+    logits = torch.randn(1, 4, vocab)
+    labels = torch.tensor([[3, vocab, -7, 10**6]])
+    with record_memory_traffic() as (loads, _):
+        out = triton_path.forward(logits, labels, IGNORE, SOFTCAP, True)
+    start = logits.untyped_storage().data_ptr()
+    end = start + logits.untyped_storage().nbytes()
+    lab0 = labels.untyped_storage().data_ptr()
+    for addrs, _itemsize in loads:
+        outside_logits = addrs[(addrs < start) | (addrs >= end)]
+        # Every address outside the logits belongs to the (tiny) labels tensor.
+        assert np.all((outside_logits >= lab0) & (outside_logits < lab0 + labels.numel() * 8))
+    assert torch.isfinite(out.logps[0, 0]) and torch.isnan(out.logps[0, 1:]).all()
+    assert torch.isfinite(out.entropy).all() and not out.is_top1[0, 1:].any()
+
+
+# ----------------------------------------------------------------------------------------- backward
+
+
+def _upstream(batch, seq, which):
+    g, h = torch.randn(batch, seq), torch.randn(batch, seq)
+    return {"both": (g, h), "logp": (g, None), "entropy": (None, h)}[which]
+
+
+@pytest.mark.parametrize("transform", [IDENTITY, SOFTCAP], ids=["plain", "softcap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
+@pytest.mark.parametrize("upstream", ["both", "logp"])
+def test_backward_reads_each_unmasked_logit_once_and_writes_each_gradient_once(dtype, inplace, transform,
+                                                                               upstream):
+    vocab = 3000
+    logits = torch.randn(2, 5, vocab).to(dtype)
+    labels = torch.randint(0, vocab, (2, 5))
+    labels[1, 1:] = IGNORE
+    out = triton_path.forward(logits, labels, IGNORE, transform)
+    g, h = _upstream(2, 5, upstream)
+    buffer = logits.clone() if inplace else logits
+    with record_memory_traffic() as (loads, stores):
+        grad = triton_path.backward(buffer, labels, out.lse, out.entropy, g, h, None, IGNORE, transform, inplace)
+    # Loads of logits: each unmasked element once, masked rows never.
+    read_counts, read_bytes = _in_buffer(loads, buffer)
+    expected = _expected_elements(buffer, labels)
+    assert set(read_counts) == set(expected) and max(read_counts.values()) == 1
+    assert read_bytes == len(expected) * buffer.element_size()
+    # Everything else read is O(N): every row's label, and for the unmasked rows lse, the upstream
+    # grads given and H (only with an entropy grad).
+    rows, live = labels.numel(), int((labels != IGNORE).sum())
+    assert _total(loads) - read_bytes == 8 * rows + 4 * live * (1 + (g is not None) + 2 * (h is not None))
+    # Stores into the gradient buffer: every element exactly once (masked rows get their zeros), nothing else.
+    if inplace:
+        assert grad.data_ptr() == buffer.data_ptr()
+    write_counts, write_bytes = _in_buffer(stores, grad)
+    assert write_bytes == _total(stores) == grad.numel() * grad.element_size()
+    assert len(write_counts) == grad.numel() and max(write_counts.values()) == 1
+
+
+@pytest.mark.parametrize("transform", [IDENTITY, SOFTCAP], ids=["plain", "softcap"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
 @pytest.mark.parametrize("upstream", ["both", "entropy"])
-def test_no_labels_backward_reads_once_writes_once(dtype, inplace, upstream):
+def test_no_labels_backward_reads_once_writes_once(inplace, upstream, transform):
     vocab = 3000
-    leaf = torch.randn(2, 5, vocab).to(dtype).requires_grad_(True)
-    logits = leaf * 1 if inplace else leaf
-    out = mpf.token_entropy(logits, backend="triton", inplace_backward=inplace)
-    loss = (out.entropy * torch.randn(2, 5)).sum()
-    if upstream == "both":
-        loss = loss + (out.lse * torch.randn(2, 5)).sum()
+    logits = torch.randn(2, 5, vocab).to(torch.bfloat16)
+    out = triton_path.forward(logits, None, IGNORE, transform)
+    h = torch.randn(2, 5)
+    g_lse = torch.randn(2, 5) if upstream == "both" else None
+    buffer = logits.clone() if inplace else logits
     with record_memory_traffic() as (loads, stores):
-        loss.backward()
-    logits = logits.detach()
-    read_counts, read_bytes = _in_buffer(loads, logits)
-    assert len(read_counts) == logits.numel() and max(read_counts.values()) == 1
-    assert read_bytes == logits.numel() * logits.element_size()
-    target = logits if inplace else leaf.grad
-    write_counts, write_bytes = _in_buffer(stores, target)
-    assert write_bytes == target.numel() * target.element_size()
-    assert len(write_counts) == target.numel() and max(write_counts.values()) == 1
+        grad = triton_path.backward(buffer, None, out.lse, out.entropy, None, h, g_lse, IGNORE, transform, inplace)
+    read_counts, read_bytes = _in_buffer(loads, buffer)
+    assert len(read_counts) == buffer.numel() and max(read_counts.values()) == 1
+    assert read_bytes == buffer.numel() * buffer.element_size()
+    # Per row: lse, H and the entropy grad (+ the lse grad); no labels.
+    assert _total(loads) - read_bytes == 4 * 10 * (3 + (g_lse is not None))
+    write_counts, write_bytes = _in_buffer(stores, grad)
+    assert write_bytes == _total(stores) == grad.numel() * grad.element_size()
+    assert len(write_counts) == grad.numel() and max(write_counts.values()) == 1
