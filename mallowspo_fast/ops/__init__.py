@@ -12,6 +12,6 @@ from .logprobs import (
     token_logprobs,
 )
 
-__all__ = ["IGNORE_INDEX", "TokenLogprobs", "TokenEntropy", "SequenceLogprobs", "TokenStats", "token_logprobs", "token_entropy",
-           "sequence_logprobs",
+__all__ = ["IGNORE_INDEX", "TokenLogprobs", "TokenEntropy", "SequenceLogprobs", "TokenStats",
+           "token_logprobs", "token_entropy", "sequence_logprobs",
            "linear_token_logprobs", "linear_sequence_logprobs"]

@@ -35,7 +35,10 @@ class TokenLogprobsFunction(torch.autograd.Function):
                 return_stats: bool, backend: str):
         impl = backend_module(backend)
         rows = impl.forward(logits, labels, ignore_index, transform, return_stats)
-        ctx.save_for_backward(logits, labels, rows.lse, rows.entropy)
+        # The saved statistics are copies of what is returned ([B, T] floats): a caller editing a result in
+        # place must not change the backward.
+        lse = rows.lse.clone() if labels is None else rows.lse
+        ctx.save_for_backward(logits, labels, lse, rows.entropy.clone())
         ctx.ignore_index, ctx.transform, ctx.inplace, ctx.impl = ignore_index, transform, inplace, impl
         ctx.has_labels = labels is not None
         ctx.set_materialize_grads(False)

@@ -128,7 +128,10 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         sdt = torch.float64 if cdt == torch.float64 else torch.float32
         # Indices of the unmasked tokens: masked rows enter no matmul at all. On an accelerator this is
         # the one host sync of the op (the number of chunks depends on the count).
-        rows = (labels != ignore_index).reshape(-1).nonzero().squeeze(1)
+        if torch.compiler.is_compiling():  # traced: no data-dependent row count; masked rows give 0 anyway
+            rows = torch.arange(batch * seq, device=hidden.device)
+        else:
+            rows = (labels != ignore_index).reshape(-1).nonzero().squeeze(1)
         flat_labels = labels.reshape(-1)
         n_out = 6 if return_stats else 3
         stats = [torch.empty(rows.numel(), dtype=sdt, device=hidden.device) for _ in range(n_out)]
@@ -150,8 +153,9 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         for k, val in enumerate(stats):
             if k == 2:  # lse: kept for the backward, not returned
                 continue
-            full = torch.zeros(batch * seq, dtype=val.dtype, device=hidden.device)
-            outs.append(full.index_copy_(0, rows, val).view(batch, seq))
+            full = torch.zeros(batch, seq, dtype=val.dtype, device=hidden.device)
+            full.view(-1).index_copy_(0, rows, val)
+            outs.append(full)  # its own tensor, not a view: callers may edit it in place
         # Only O(N) statistics are kept; hidden, weight and bias are the caller's tensors (no copies).
         ctx.save_for_backward(hidden, weight, bias, flat_labels, rows, stats[1], stats[2])
         ctx.ignore_index, ctx.transform, ctx.chunk_size, ctx.backend = ignore_index, transform, chunk_size, backend

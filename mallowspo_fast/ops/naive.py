@@ -91,7 +91,7 @@ def naive_token_entropy(
     z = _transformed(logits, temperature, transform, compute_dtype)
     lse = torch.logsumexp(z, dim=-1)
     _, plogp = _log_softmax_parts(z)
-    return -plogp.sum(-1), lse
+    return -plogp.sum(-1), lse.clone()  # logsumexp saves its result for its backward: hand out a copy
 
 
 def naive_token_stats(

@@ -126,7 +126,10 @@ def _call_compiled(name: str, *args, **flags):
             torch._dynamo.maybe_mark_dynamic(a, 0)
             if a.dim() == 2:
                 torch._dynamo.maybe_mark_dynamic(a, 1)
-    return _kernel(name)(*args, **flags)
+    # One graph per dtype and flag set: up to 24 for the forward, more than Dynamo's default limit per
+    # function (8) allows; the limit is raised for these calls only.
+    with torch._dynamo.config.patch(recompile_limit=64):
+        return _kernel(name)(*args, **flags)
 
 
 def _row_blocks(t: torch.Tensor) -> list[tuple[int | slice, torch.Tensor]]:
