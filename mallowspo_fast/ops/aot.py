@@ -1,21 +1,25 @@
 """Ahead-of-time compilation report of every kernel for sm_80 / sm_90 (no GPU or driver needed).
 
 For each kernel variant x architecture x dtype x V (the per-sequence reduction: x BLOCK_T, which depends
-on T only), compiles the shipped launch configuration with ``triton.compile`` against a ``GPUTarget`` and
-reads the resource usage of the resulting cubin with the ``cuobjdump`` shipped in Triton's NVIDIA backend:
-registers per thread, spill stores/loads (bytes), static shared memory, plus the kernel's launch config,
-an occupancy estimate and the public ops whose Triton path launches it.
+on T only, and x the dtype of the values it sums), compiles the shipped launch configuration with
+``triton.compile`` against a ``GPUTarget`` and reads the resource usage of the resulting cubin with the
+``cuobjdump`` shipped in Triton's NVIDIA backend: registers per thread, spill stores/loads (bytes), static
+shared memory, plus the kernel's launch config, an occupancy estimate and the public ops whose Triton
+path launches it.
 
-A variant is everything fixed at compile time: the kernel, its constexprs (``HAS_GRAD_*``, ``HAS_LABELS``, ``BLOCK_V``,
-``BLOCK_T``), the logits dtype and ``num_warps``. The memory mode (``linear_token_logprobs`` /
-``linear_sequence_logprobs``) calls the same launchers on each chunk of recomputed logits, so it runs the
-same variants as the logits-level ops: its row counts, temperature and ignore_index are runtime
-arguments, and its in-place backward only passes the chunk buffer as both logits and gradient (the
-pointers alias; nothing is recompiled). It never launches ``sequence_reduce`` (its per-sequence sums are
-torch reductions). ``tests/ops/test_aot.py`` records the launches each public op makes and checks
-them against :data:`USED_BY` and this report. Strides are compiled here as generic 64-bit integers;
-at run time Triton's JIT also specialises integer arguments by value (== 1, multiples of 16), so the
-binaries it builds are specialisations of these variants.
+A variant is everything fixed at compile time: the kernel, its constexprs (``HAS_LABELS``, ``HAS_SOFTCAP``,
+``RETURN_STATS``, ``HAS_GRAD_*``, ``BLOCK_V``, ``BLOCK_T``), the logits dtype (which also fixes the
+accumulation dtype: float64 for fp64 logits) and ``num_warps``. Names read ``fwd[_nolabels][_softcap]
+[_stats]``, ``bwd[_nolabels][_<which grads>][_softcap]``. The transform's multipliers (temperature, logit
+scale, soft cap value) are runtime arguments: one binary serves every value. The memory mode
+(``linear_token_logprobs`` / ``linear_sequence_logprobs``) calls the same launchers on each chunk of
+recomputed logits, so it runs the same variants as the logits-level ops: its row counts, transform and
+ignore_index are runtime arguments, and its in-place backward only passes the chunk buffer as both
+logits and gradient (the pointers alias; nothing is recompiled). It never launches ``sequence_reduce``
+(its per-sequence sums are torch reductions). ``tests/ops/test_aot.py`` records the launches each public
+op makes and checks them against :data:`USED_BY` and this report. Strides are compiled here as generic
+64-bit integers; at run time Triton's JIT also specialises integer arguments by value (== 1, multiples
+of 16), so the binaries it builds are specialisations of these variants.
 
 Usage::
 
@@ -39,31 +43,47 @@ from dataclasses import asdict, dataclass
 import torch
 
 ARCHS = (80, 90)
-# Every logits dtype the public ops accept on the Triton path (fp64 is computed in fp32 like the others).
+# Every logits dtype the public ops accept on the Triton path; fp64 logits are computed in float64 (the
+# kernels take their accumulation dtype from the logits pointer, so fp64 is a dtype, not an extra flag).
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 VOCABS = (32000, 128256, 151936, 256000)
 LOGITS_OPS = ("token_logprobs", "sequence_logprobs")
 MEMORY_MODE_OPS = ("linear_token_logprobs", "linear_sequence_logprobs")
 # Without labels (``token_logprobs(logits, None)`` routes here): HAS_LABELS=False variants.
 ENTROPY_OPS = ("token_entropy",)
-# Public ops whose Triton path launches each variant: every backward variant is reachable from each op
-# (upstream grads on log-probs and entropies, on log-probs only, or on entropies only).
-USED_BY = {
-    "fwd": LOGITS_OPS + MEMORY_MODE_OPS,
-    "bwd": LOGITS_OPS + MEMORY_MODE_OPS,
-    "bwd_logp_only": LOGITS_OPS + MEMORY_MODE_OPS,
-    "bwd_entropy_only": LOGITS_OPS + MEMORY_MODE_OPS,
-    "sequence_reduce": ("sequence_logprobs",),
-    # No labels: the forward without the gather; upstream grads on entropies and lse, lse only, or
-    # entropies only (the label term compiled away).
-    "fwd_nolabels": ENTROPY_OPS,
-    "bwd_nolabels": ENTROPY_OPS,
-    "bwd_nolabels_lse_only": ENTROPY_OPS,
-    "bwd_nolabels_entropy_only": ENTROPY_OPS,
-}
+# Ops that take ``return_stats=True`` (the RETURN_STATS forward variants); every op takes a soft cap.
+STATS_OPS = ("token_logprobs", "linear_token_logprobs")
+ENTROPY_STATS_OPS = ("token_entropy",)
+# Backward variants by upstream grads (HAS_GRAD_LOGP, HAS_GRAD_ENTROPY): on both outputs, on the first
+# only, on the entropies only. Without labels the HAS_GRAD_LOGP slot carries the grad of lse.
+GRAD_SUFFIX = {(True, True): "", (True, False): "_logp_only", (False, True): "_entropy_only"}
+NOLABELS_GRAD_SUFFIX = {(True, True): "", (True, False): "_lse_only", (False, True): "_entropy_only"}
+SOFTCAP_SUFFIX = {False: "", True: "_softcap"}
+
+
+def _used_by() -> dict[str, tuple[str, ...]]:
+    """Public ops whose Triton path launches each variant: every backward variant is reachable from each
+    op (upstream grads on both outputs, on one only), with or without a soft cap; the statistics are a
+    forward-only flag (not differentiable), so a call with them runs the same backward variants."""
+    used: dict[str, tuple[str, ...]] = {"sequence_reduce": ("sequence_logprobs",)}
+    for cap in SOFTCAP_SUFFIX.values():
+        used["fwd" + cap] = LOGITS_OPS + MEMORY_MODE_OPS
+        used["fwd" + cap + "_stats"] = STATS_OPS
+        used["fwd_nolabels" + cap] = ENTROPY_OPS
+        used["fwd_nolabels" + cap + "_stats"] = ENTROPY_STATS_OPS
+        for grads in GRAD_SUFFIX.values():
+            used["bwd" + grads + cap] = LOGITS_OPS + MEMORY_MODE_OPS
+        for grads in NOLABELS_GRAD_SUFFIX.values():
+            used["bwd_nolabels" + grads + cap] = ENTROPY_OPS
+    return used
+
+
+USED_BY = _used_by()
 # BLOCK_T of the per-sequence reduction = min(1024, next power of two of max(T, 16)) (triton_path): one
-# variant per power of two, whatever the dtype and V (rows with dtype and V "any").
+# variant per power of two and per dtype of the per-token values (fp32, or fp64 for fp64 logits),
+# whatever V (rows with V "any").
 REDUCE_BLOCKS = tuple(2**i for i in range(4, 11))
+REDUCE_DTYPES = ("fp32", "fp64")
 # Registers per SM and the per-thread limit are the same on A100 and H100.
 REGS_PER_SM, MAX_THREADS_PER_SM, MAX_CTAS_PER_SM = 65536, 2048, 32
 SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
@@ -73,8 +93,8 @@ SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
 class KernelReport:
     kernel: str
     arch: int
-    dtype: str | None  # None: the kernel does not depend on the logits dtype and V
-    vocab: int | None
+    dtype: str  # the logits dtype; for sequence_reduce the dtype of the per-token values it sums
+    vocab: int | None  # None: the kernel does not depend on V
     block: int
     num_warps: int
     registers: int
@@ -86,64 +106,80 @@ class KernelReport:
 
 
 def _triton_type(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
+            torch.bool: "i1", torch.int64: "i64"}[dtype]
 
 
 def variant_name(kernel: str, constexprs: dict) -> str:
     """Report name of a launch of ``kernel`` (the jit function's name) with these constexprs."""
-    suffix = "" if constexprs.get("HAS_LABELS", True) else "_nolabels"
+    labels = bool(constexprs.get("HAS_LABELS", True))
+    base = "" if labels else "_nolabels"
+    cap = SOFTCAP_SUFFIX[bool(constexprs.get("HAS_SOFTCAP", False))]
     if kernel == "_token_logprobs_fwd_kernel":
-        return "fwd" + suffix
+        return "fwd" + base + cap + ("_stats" if constexprs["RETURN_STATS"] else "")
     if kernel == "_sequence_reduce_kernel":
         return "sequence_reduce"
     if kernel == "_token_logprobs_bwd_kernel":
         flags = (bool(constexprs["HAS_GRAD_LOGP"]), bool(constexprs["HAS_GRAD_ENTROPY"]))
-        if suffix:  # without labels the HAS_GRAD_LOGP slot carries the grad of lse
-            return {(True, True): "bwd_nolabels", (True, False): "bwd_nolabels_lse_only",
-                    (False, True): "bwd_nolabels_entropy_only"}[flags]
-        return {(True, True): "bwd", (True, False): "bwd_logp_only", (False, True): "bwd_entropy_only"}[flags]
+        return "bwd" + base + (GRAD_SUFFIX if labels else NOLABELS_GRAD_SUFFIX)[flags] + cap
     raise ValueError(f"variant_name: unknown kernel {kernel!r}")
+
+
+def _fwd_signature(logits: str, acc: str, has_labels: bool, return_stats: bool) -> dict[str, str]:
+    """The types the JIT sees for a forward launch: unused output slots get the lse tensor (triton_path)."""
+    out = "*" + acc
+    return {
+        "logits_ptr": logits, "labels_ptr": "*i64", "logp_ptr": out, "entropy_ptr": out, "lse_ptr": out,
+        "log_sum_sq_probs_ptr": out, "mean_logits_ptr": out,
+        "is_top1_ptr": "*i1" if has_labels and return_stats else out,
+        "seq_len": "i32", "vocab_size": "i32",
+        "stride_logits_b": "i64", "stride_logits_t": "i64", "stride_labels_b": "i64", "stride_labels_t": "i64",
+        "ignore_index": "i32", "pre": "fp32", "post": "fp32", "pre_fp64": "fp64", "post_fp64": "fp64",
+        "HAS_LABELS": "constexpr", "HAS_SOFTCAP": "constexpr", "RETURN_STATS": "constexpr", "BLOCK_V": "constexpr",
+    }
 
 
 def _variants(dtype: torch.dtype, vocab: int):
     """(name, jit fn, signature, constexprs, num_warps, block) of every kernel the launchers can run on
     logits of ``dtype`` with ``vocab`` columns."""
     from .._kernels import _token_logprobs_bwd_kernel, _token_logprobs_fwd_kernel
-    from .triton_path import launch_config
+    from .triton_path import accumulation_dtype, launch_config
 
     block, warps = launch_config(vocab, dtype)
     t = "*" + _triton_type(dtype)
-    fwd_sig = {
-        "logits_ptr": t, "labels_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
-        "seq_len": "i32", "vocab_size": "i32",
-        "stride_logits_b": "i64", "stride_logits_t": "i64", "stride_labels_b": "i64", "stride_labels_t": "i64",
-        "ignore_index": "i32", "inv_temp": "fp32", "HAS_LABELS": "constexpr", "BLOCK_V": "constexpr",
-    }
+    acc = _triton_type(accumulation_dtype(dtype))
     for has_labels in (True, False):
-        name = variant_name("_token_logprobs_fwd_kernel", {"HAS_LABELS": has_labels})
-        yield name, _token_logprobs_fwd_kernel, fwd_sig, {"HAS_LABELS": has_labels, "BLOCK_V": block}, warps, block
+        for softcap in (False, True):
+            for stats in (False, True):
+                consts = {"HAS_LABELS": has_labels, "HAS_SOFTCAP": softcap, "RETURN_STATS": stats, "BLOCK_V": block}
+                yield (variant_name("_token_logprobs_fwd_kernel", consts), _token_logprobs_fwd_kernel,
+                       _fwd_signature(t, acc, has_labels, stats), consts, warps, block)
     bwd_sig = {
-        "logits_ptr": t, "grad_logits_ptr": t, "labels_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
-        "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "seq_len": "i32", "vocab_size": "i32",
+        "logits_ptr": t, "grad_logits_ptr": t, "labels_ptr": "*i64", "lse_ptr": "*" + acc, "entropy_ptr": "*" + acc,
+        "grad_logp_ptr": "*" + acc, "grad_entropy_ptr": "*" + acc, "seq_len": "i32", "vocab_size": "i32",
         **{f"stride_{n}_{d}": "i64" for n in ("logits", "grad", "labels", "glogp", "gent") for d in "bt"},
-        "ignore_index": "i32", "inv_temp": "fp32",
+        "ignore_index": "i32", "pre": "fp32", "post": "fp32", "pre_fp64": "fp64", "post_fp64": "fp64",
         "HAS_GRAD_LOGP": "constexpr", "HAS_GRAD_ENTROPY": "constexpr", "HAS_LABELS": "constexpr",
-        "BLOCK_V": "constexpr",
+        "HAS_SOFTCAP": "constexpr", "BLOCK_V": "constexpr",
     }
     for has_labels in (True, False):
-        for has_g, has_h in ((True, True), (True, False), (False, True)):
-            consts = {"HAS_GRAD_LOGP": has_g, "HAS_GRAD_ENTROPY": has_h, "HAS_LABELS": has_labels, "BLOCK_V": block}
-            name = variant_name("_token_logprobs_bwd_kernel", consts)
-            yield name, _token_logprobs_bwd_kernel, bwd_sig, consts, warps, block
+        for softcap in (False, True):
+            for has_g, has_h in GRAD_SUFFIX:
+                consts = {"HAS_GRAD_LOGP": has_g, "HAS_GRAD_ENTROPY": has_h, "HAS_LABELS": has_labels,
+                          "HAS_SOFTCAP": softcap, "BLOCK_V": block}
+                name = variant_name("_token_logprobs_bwd_kernel", consts)
+                yield name, _token_logprobs_bwd_kernel, bwd_sig, consts, warps, block
 
 
-def _reduce_variants():
-    """The per-sequence reduction at every BLOCK_T its launcher can pick (it depends on T only)."""
+def _reduce_variants(value_dtype: str):
+    """The per-sequence reduction of ``value_dtype`` per-token values at every BLOCK_T its launcher can
+    pick (it depends on T only)."""
     from .._kernels import _sequence_reduce_kernel
 
+    v = "*" + value_dtype
     red_sig = {
-        "labels_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "seq_logp_ptr": "*fp32",
-        "seq_entropy_ptr": "*fp32", "seq_count_ptr": "*i64", "seq_len": "i32",
+        "labels_ptr": "*i64", "logp_ptr": v, "entropy_ptr": v, "seq_logp_ptr": v,
+        "seq_entropy_ptr": v, "seq_count_ptr": "*i64", "seq_len": "i32",
         "stride_labels_b": "i64", "stride_labels_t": "i64", "ignore_index": "i32", "BLOCK_T": "constexpr",
     }
     for block in REDUCE_BLOCKS:
@@ -236,8 +272,9 @@ def compile_report(archs=ARCHS, dtypes=tuple(DTYPES), vocabs=VOCABS) -> list[Ker
             for vocab in vocabs:
                 for variant in _variants(DTYPES[dname], vocab):
                     add(arch, dname, vocab, *variant)
-        for variant in _reduce_variants():
-            add(arch, None, None, *variant)
+        for value_dtype in REDUCE_DTYPES:
+            for variant in _reduce_variants(value_dtype):
+                add(arch, value_dtype, None, *variant)
     return reports
 
 
@@ -245,7 +282,7 @@ def format_table(reports: list[KernelReport]) -> str:
     head = "| kernel | sm | dtype | V | BLOCK | warps | regs | spill st/ld (B) | smem (B) | occupancy | used by |"
     lines = [head, "|" + "---|" * 11]
     for r in reports:
-        lines.append(f"| {r.kernel} | {r.arch} | {r.dtype or 'any'} | {r.vocab or 'any'} | {r.block} | {r.num_warps} | "
+        lines.append(f"| {r.kernel} | {r.arch} | {r.dtype} | {r.vocab or 'any'} | {r.block} | {r.num_warps} | "
                      f"{r.registers} | {r.spill_stores}/{r.spill_loads} | {r.shared_bytes} | {r.occupancy:.2f} | "
                      f"{', '.join(r.used_by)} |")
     return "\n".join(lines)
