@@ -23,9 +23,62 @@ from torch import nn
 
 from .linear import linear_sequence_logprobs, linear_token_logprobs
 from .logprobs import SequenceLogprobs, TokenLogprobs, sequence_logprobs, token_logprobs
+from .transform import LogitTransform
 
 LOGITS_MODES = ("chunked", "logits")
 REDUCTIONS = ("sequence", "token")
+
+
+# Config attributes of output layers that multiply the logits after the matmul, in the order a config is read
+# (the first one set wins, as in TRL's fused head): Cohere's logit_scale, Muse's output_multiplier,
+# Falcon-H1's lm_head_multiplier, and Granite's / MiniCPM3's logits_scaling, a divisor (HyperCLOVA X multiplies).
+_SCALE_ATTRS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+_SOFTCAP_ATTR = "final_logit_softcapping"
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def head_transform(model: nn.Module) -> LogitTransform:
+    """What ``model``'s output layer does to its logits after the matmul, as a :class:`LogitTransform`
+    (temperature 1): the soft cap of ``final_logit_softcapping`` and the scale of ``logit_scale``,
+    ``output_multiplier``, ``lm_head_multiplier`` or ``logits_scaling``. The one place the library reads
+    these attributes: the trainer's chunked mode and the TRL head apply what it returns.
+
+    Raises:
+        ValueError: naming the attribute, when one holds a value the op cannot apply (not a finite
+            number, a non-positive soft cap, a zero scale) or two scale attributes disagree.
+
+    Examples:
+        >>> head_transform(gemma2_model)
+        LogitTransform(temperature=1.0, softcap=30.0, logit_scale=1.0)
+    """
+    config = _text_config(model)
+    where = f"{type(model).__name__}'s config"
+    softcap = getattr(config, _SOFTCAP_ATTR, None)
+    scales = {}
+    for attr in _SCALE_ATTRS:
+        value = getattr(config, attr, None)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"{where} sets {attr}={value!r}; expected a number (the output layer's logit scale)")
+        if attr == "logits_scaling" and getattr(config, "model_type", None) != "hyperclovax":
+            value = 1.0 / value if value != 0 else float("inf")  # Granite and MiniCPM3 divide by it
+        scales[attr] = float(value)
+    distinct = {v for v in scales.values() if v != 1.0}
+    if len(distinct) > 1:
+        raise ValueError(f"{where} sets several logit scales that disagree ({scales}); the op applies one")
+    scale = distinct.pop() if distinct else 1.0
+    name = next((a for a, v in scales.items() if v == scale), "logit_scale")
+    try:
+        return LogitTransform.checked(1.0, None if softcap is None else softcap, scale, where)
+    except ValueError as e:
+        attr = _SOFTCAP_ATTR if "softcap" in str(e) else name
+        raise ValueError(f"{where} sets {attr}={getattr(config, attr, None)!r}, which the op cannot apply: {e}") from e
 
 
 class LMHeadLogprobs(nn.Module):
@@ -38,6 +91,8 @@ class LMHeadLogprobs(nn.Module):
         bias: optional output-layer bias [V].
         chunk_size: default token rows per chunk passed to :func:`linear_sequence_logprobs`.
         backend: default backend passed to it (None: triton on CUDA, torch elsewhere).
+        transform: what the model's output layer does to the logits (:func:`head_transform`); applied
+            in both calls (the logits of ``head(hidden)`` include it, as the model's own forward does).
 
     Called as ``head(hidden)`` it returns the logits [..., V] like the ``nn.Linear`` it replaces
     (generation keeps working); as ``head(hidden, labels)`` (hidden [B, T, H], labels [B, T] already
@@ -49,8 +104,9 @@ class LMHeadLogprobs(nn.Module):
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None = None, *, chunk_size: int | None = None,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, transform: LogitTransform | None = None) -> None:
         super().__init__()
+        self.transform = transform or LogitTransform()
         self.weight = weight
         if bias is None:
             self.register_parameter("bias", None)
@@ -83,29 +139,34 @@ class LMHeadLogprobs(nn.Module):
         ``labels`` [B, T] already aligned (the caller shifts) -> SequenceLogprobs (``reduction="sequence"``)
         or TokenLogprobs (``reduction="token"``); ``chunk_size``/``backend`` None use the module's.
         ``return_logits_mean``: also return the detached mean logit (over V, then over the unmasked
-        positions) of every row [B], as ``(result, means)``; it costs one [B, T, H] @ [H] product."""
+        positions) of every row [B], as ``(result, means)``, from the same pass over the logits."""
         if labels is None:
-            return F.linear(hidden, self.weight, self.bias)
-        kw = dict(bias=self.bias, ignore_index=ignore_index, temperature=temperature,
-                  chunk_size=self.chunk_size if chunk_size is None else chunk_size,
+            return self.transform.apply(F.linear(hidden, self.weight, self.bias))
+        tf = self.transform
+        kw = dict(bias=self.bias, ignore_index=ignore_index, temperature=temperature, softcap=tf.softcap,
+                  logit_scale=tf.logit_scale, chunk_size=self.chunk_size if chunk_size is None else chunk_size,
                   backend=self.backend if backend is None else backend)
-        if reduction == "sequence":
-            out = linear_sequence_logprobs(hidden, self.weight, labels, **kw)
-        elif reduction == "token":
-            out = linear_token_logprobs(hidden, self.weight, labels, **kw)
-        else:
+        if reduction not in REDUCTIONS:
             raise ValueError(f"LMHeadLogprobs: reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if not return_logits_mean:
-            return out
-        with torch.no_grad():
-            # mean_v(h·w_v + b_v) = h·mean_v(w_v) + mean_v(b_v): no logits needed.
-            row = hidden.float() @ self.weight.mean(0, dtype=torch.float32)
-            if self.bias is not None:
-                row = row + self.bias.float().mean()
-        return out, masked_row_mean(row, labels, ignore_index)
+            fn = linear_sequence_logprobs if reduction == "sequence" else linear_token_logprobs
+            return fn(hidden, self.weight, labels, **kw)
+        # The mean logit comes from the same pass (return_stats): it is a mean of the transformed logits.
+        stats = linear_token_logprobs(hidden, self.weight, labels, return_stats=True, **kw)
+        return _reduce(TokenLogprobs(stats.logps, stats.entropy), labels, ignore_index, reduction), \
+            masked_row_mean(stats.mean_logits.detach(), labels, ignore_index)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _reduce(tok: TokenLogprobs, labels: torch.Tensor, ignore_index: int, reduction: str):
+    """TokenLogprobs [B, T] -> itself (``reduction="token"``) or SequenceLogprobs [B]."""
+    if reduction == "token":
+        return tok
+    num_tokens = (labels != ignore_index).sum(-1)
+    denom = num_tokens.clamp(min=1).to(tok.entropy.dtype)
+    return SequenceLogprobs(tok.logps.sum(-1), tok.entropy.sum(-1) / denom, num_tokens)
 
 
 def masked_row_mean(values: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -113,18 +174,6 @@ def masked_row_mean(values: torch.Tensor, labels: torch.Tensor, ignore_index: in
     (0 for rows without any)."""
     mask = (labels != ignore_index).to(torch.float32)
     return (values.float() * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-
-
-def _check_plain_linear_head(model: nn.Module) -> None:
-    # Heads that transform the logits after the matmul would silently give other numbers here.
-    config = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
-        value = getattr(config, attr, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(
-                f"logits_mode='chunked' needs a plain linear output layer, but the model config sets "
-                f"{attr}={value!r}; use logits_mode='logits' for this model"
-            )
 
 
 def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
@@ -150,6 +199,8 @@ def install_lm_head_logprobs(model: nn.Module, *, chunk_size: int | None = None,
 
     Raises:
         TypeError: the model's output layer is not a linear layer with a [V, H] weight.
+        ValueError: the output layer transforms its logits in a way the op cannot apply
+            (:func:`head_transform`).
 
     Examples:
         >>> head = install_lm_head_logprobs(model)
@@ -165,8 +216,8 @@ def install_lm_head_logprobs(model: nn.Module, *, chunk_size: int | None = None,
             f"install_lm_head_logprobs: expected a model whose get_output_embeddings() is a linear layer "
             f"with a [V, H] weight, got {type(head).__name__} on {type(model).__name__}"
         )
-    _check_plain_linear_head(model)
-    new = LMHeadLogprobs(head.weight, getattr(head, "bias", None), chunk_size=chunk_size, backend=backend)
+    new = LMHeadLogprobs(head.weight, getattr(head, "bias", None), chunk_size=chunk_size, backend=backend,
+                         transform=head_transform(model))
     model.set_output_embeddings(new)
     return new
 
@@ -240,14 +291,12 @@ def model_sequence_logprobs(
     kw = dict(ignore_index=ignore_index, temperature=temperature, backend=backend)
     if logits_mode == "logits":
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs).logits
-        fn = sequence_logprobs if reduction == "sequence" else token_logprobs
-        out = fn(logits[:, :-1], shifted, **kw)
         if not return_logits_mean:
-            return out
-        with torch.no_grad():
-            means = masked_row_mean(logits[:, :-1].detach().mean(-1, dtype=torch.float32), shifted, ignore_index)
-        return out, means
-    _check_plain_linear_head(model)
+            fn = sequence_logprobs if reduction == "sequence" else token_logprobs
+            return fn(logits[:, :-1], shifted, **kw)
+        stats = token_logprobs(logits[:, :-1], shifted, return_stats=True, **kw)
+        return (_reduce(TokenLogprobs(stats.logps, stats.entropy), shifted, ignore_index, reduction),
+                masked_row_mean(stats.mean_logits.detach(), shifted, ignore_index))
     out = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     head = model.get_output_embeddings()
@@ -255,16 +304,10 @@ def model_sequence_logprobs(
         # Through the module call, so ZeRO-3's hooks gather the weight for forward and backward.
         return head(hidden[:, :-1], shifted, reduction=reduction, chunk_size=chunk_size,
                     return_logits_mean=return_logits_mean, **kw)
-    bias = getattr(head, "bias", None)
-    fn = linear_sequence_logprobs if reduction == "sequence" else linear_token_logprobs
-    out = fn(hidden[:, :-1], head.weight, shifted, bias=bias, chunk_size=chunk_size, **kw)
-    if not return_logits_mean:
-        return out
-    with torch.no_grad():
-        row = hidden[:, :-1].float() @ head.weight.mean(0, dtype=torch.float32)
-        if bias is not None:
-            row = row + bias.float().mean()
-    return out, masked_row_mean(row, shifted, ignore_index)
+    # Not installed: the same computation on the output layer's Parameters (no ZeRO-3 hooks needed here).
+    transient = LMHeadLogprobs(head.weight, getattr(head, "bias", None), transform=head_transform(model))
+    return transient.forward(hidden[:, :-1], shifted, reduction=reduction, chunk_size=chunk_size,
+                             return_logits_mean=return_logits_mean, **kw)
 
 
 class CausalLMLogprobs(nn.Module):
