@@ -50,8 +50,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "ruff", "matplotlib", "tensorboard", "hypothesis"],
-        # The TRL version the integration is tested with (tests/integrations).
-        "trl": ["trl==1.16.0"],
+        # The TRL version the integration is tested with (tests/integrations); PEFT for its LoRA tests.
+        "trl": ["trl==1.16.0", "peft>=0.15"],
         "docs": ["mkdocs==1.6.1", "mkdocs-material>=9.5", "mkdocstrings-python>=1.10"],
     },
     entry_points={

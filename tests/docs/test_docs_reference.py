@@ -150,7 +150,7 @@ def test_demo_summary_shape_is_what_the_cli_prints() -> None:
     result = SimpleNamespace(
         stopped_by=None, step=99, total_steps=99, seconds=40.0, train_metrics=metrics,
         eval_metrics={"eval_loss": 0.9, "eval_rewards/accuracies": 0.5, "eval_rewards/margins": 0.1},
-        phi_star=6.0, model_dir="outputs/demo", checkpoint_dir="outputs/demo/checkpoint-99",
+        eval_examples=30, phi_star=6.0, model_dir="outputs/demo", checkpoint_dir="outputs/demo/checkpoint-99",
         metrics_path="outputs/demo/logs/metrics.jsonl", curves_path="outputs/demo/training_curves.png")
     cfg = SimpleNamespace(loss_types=[d["loss_type"]], beta=d["beta"], phi_star=d["phi_star"], **{
         k: v for k, v in d.items() if k not in ("loss_type", "beta", "phi_star")})

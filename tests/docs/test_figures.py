@@ -291,8 +291,10 @@ CLAIMS: list[tuple[str, str, Callable[[], list[float]]]] = [
     # Constants of the code quoted in the text
     ("docs/losses.md", "(official name `neg_log_dispersion_mean`, default {}", lambda: [_const("losses.dispersion",
                                                                                              "DEFAULT_PHI_STAR")]),
-    ("docs/op.md", "only one chunk of fp32 temporaries ({} MiB) alive at a time",
+    ("docs/op.md", "eager chunks of a fixed number of rows (about {} MiB of logits each",
      lambda: [_const("ops.torch_path", "CHUNK_BYTES") / 2**20]),
+    ("docs/op.md", "On CPU (fp32/bf16/fp16, V ≥ {}, a C++ compiler present)",
+     lambda: [_const("ops.torch_path", "COMPILE_MIN_VOCAB")]),
     ("docs/op.md", "of V capped at {} KiB of input per block ({} bf16/fp16 columns, {} fp32)",
      lambda: [_const("ops.triton_path", "MAX_BLOCK_BYTES") / 2**10, _const("ops.triton_path", "MAX_BLOCK_BYTES") / 2,
               _const("ops.triton_path", "MAX_BLOCK_BYTES") / 4]),
