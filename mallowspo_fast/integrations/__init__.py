@@ -4,8 +4,9 @@ This package sits above ``ops`` and ``losses``; nothing below imports it. Import
 OpenRLHF or verl:
 
 - :mod:`.trl_utils`, :mod:`.openrlhf`, :mod:`.verl`: drop-in replacements of the per-token log-prob,
-  entropy and masked-mean functions those libraries call, under their names and argument orders, computed
-  by the fused op (one pass over the logits, gradients flow).
+  entropy and masked-reduction functions those libraries call (and of TRL's ``ChunkedLogProbFunction``),
+  under their names, argument orders and defaults, with the result dtypes and side effects of the peers'
+  current releases, computed by the fused op (one pass over the logits, gradients flow).
 - :mod:`.trl` (needs the ``[trl]`` extra): a ``DPOTrainer`` subclass, a ``DPOConfig`` subclass and
   :func:`~mallowspo_fast.integrations.trl.patch_dpo_trainer` for existing trainer instances.
 """

@@ -1,5 +1,6 @@
-"""Drop-in functions against their peers' definitions, written out here in float64 with the source cited, and
-against the real installed TRL functions. OpenRLHF and verl are not installed: their formulas are below."""
+"""TRL's helper drop-ins (``mallowspo_fast.integrations.trl_utils``) against TRL 1.16.0's definitions, written
+out below in plain torch, and against the real installed TRL functions: values, result dtypes (the peer's),
+gradients, float64 computed in float64, results edited in place, row masks and K labels per row."""
 
 from __future__ import annotations
 
@@ -7,152 +8,161 @@ from unittest import mock
 
 import pytest
 import torch
-import trl.trainer.utils as trl_utils_real
+import trl.trainer.utils as trl_real
+from dropin_helpers import DTYPES, assert_value, check_against_reference, fp64_sensitive_inputs, inputs
 
 from mallowspo_fast.integrations import _common, openrlhf, trl_utils, verl
 
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-4, rtol=1e-4)}
-GRAD_TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.bfloat16: dict(atol=1e-3, rtol=1e-2)}
-DTYPES = (torch.float32, torch.bfloat16)
+
+# --- TRL 1.16.0 (trl/trainer/utils.py), eager path, in our words ---------------------------------------------
+def trl_selective_log_softmax(logits, index, temperature=1.0, row_mask=None):
+    """Scale the logits by 1/T in their own dtype, log-softmax over V, pick the indexed entries ([...] or
+    [..., K]); positions with row_mask == 0 give 0. Result in the logits' dtype."""
+    z = logits / temperature if temperature != 1.0 else logits
+    single = index.dim() == logits.dim() - 1
+    picked = z.log_softmax(-1).gather(-1, index.unsqueeze(-1) if single else index)
+    picked = picked.squeeze(-1) if single else picked
+    return picked if row_mask is None else picked.masked_fill(row_mask == 0, 0.0)
 
 
-# --- the peers' definitions, float64 ------------------------------------------------------------------------
-def ref_selective_log_softmax(logits, index, temperature=1.0, row_mask=None):
-    # TRL 1.16.0 trl/trainer/utils.py::selective_log_softmax: gather(log_softmax(logits / T), index)
-    logp = torch.log_softmax(logits.double() / temperature, -1)
-    squeeze = index.dim() == logits.dim() - 1
-    out = logp.gather(-1, index.unsqueeze(-1) if squeeze else index)
-    out = out.squeeze(-1) if squeeze else out
-    return out if row_mask is None else out.masked_fill(row_mask == 0, 0.0)
-
-
-def ref_entropy_trl(logits):
-    # TRL 1.16.0 trl/trainer/utils.py::entropy_from_logits: -(exp(logp) * logp).sum(-1), logp = log_softmax
-    logp = torch.log_softmax(logits.double(), -1)
+def trl_entropy(logits):
+    """-Σ p log p with log p = log_softmax(logits), per row, in the logits' dtype."""
+    logp = logits.log_softmax(-1)
     return -(logp.exp() * logp).sum(-1)
 
 
-def ref_log_probs_openrlhf(logits, labels, temperature=1.0):
-    # OpenRLHF openrlhf/models/utils.py::log_probs_from_logits: logits / T, then z[y] - logsumexp(z)
-    z = logits.double() / temperature
-    return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, -1)
-
-
-def ref_entropy_logsumexp(logits):
-    # verl verl/utils/torch_functional.py::entropy_from_logits and OpenRLHF compute_entropy:
-    # logsumexp(z) - sum(softmax(z) * z)
-    z = logits.double()
-    return torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
-
-
-def ref_logprobs_verl(logits, labels):
-    # verl verl/utils/torch_functional.py::logprobs_from_logits_naive: gather(log_softmax(logits), labels)
-    return torch.log_softmax(logits.double(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-
-
-def ref_masked_mean(values, mask, axis=None):
-    # verl masked_mean(values, mask, axis=None) and OpenRLHF masked_mean(tensor, mask, dim=None):
-    # (values * mask).sum(axis) / mask.sum(axis)
-    return (values * mask).sum(axis) / mask.sum(axis)
+def trl_joint(logits, index, temperature=1.0, row_mask=None):
+    """Log-probs as above and the entropy of softmax(logits / T), 0 where row_mask == 0."""
+    z = logits / temperature if temperature != 1.0 else logits
+    entropy = trl_entropy(z)
+    if row_mask is not None:
+        entropy = entropy.masked_fill(row_mask == 0, 0.0)
+    return trl_selective_log_softmax(z, index, row_mask=row_mask), entropy
 
 
 # -------------------------------------------------------------------------------------------------------------
-def inputs(dtype, shape=(3, 5), vocab=257, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = (3 * torch.randn(*shape, vocab, generator=g)).to(dtype)
-    labels = torch.randint(0, vocab, shape, generator=g)
-    return logits, labels
-
-
-def check_value_and_grad(fn, ref, logits, dtype, *extra):
-    """fn(logits, *extra) against ref(logits as float64, *extra): values and gradients of a random
-    upstream gradient (the reference works on the same rounded logits)."""
-    leaf = logits.clone().requires_grad_(True)
-    out = fn(leaf * 1, *extra)  # a non-leaf input, so in-place backward variants are allowed
-    assert out.dtype == torch.float32
-    leaf64 = logits.double().requires_grad_(True)
-    expected = ref(leaf64, *extra)
-    torch.testing.assert_close(out.double(), expected, **TOL[dtype])
-    up = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
-    (out * up).sum().backward()
-    (expected * up.double()).sum().backward()
-    torch.testing.assert_close(leaf.grad.double(), leaf64.grad, **GRAD_TOL[dtype])
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_trl_selective_log_softmax(dtype):
+def test_selective_log_softmax_values_dtype_and_gradients(dtype):
     logits, labels = inputs(dtype)
-    check_value_and_grad(trl_utils.selective_log_softmax, ref_selective_log_softmax, logits, dtype, labels)
-    check_value_and_grad(lambda x, y: trl_utils.selective_log_softmax(x, y, temperature=0.7),
-                         lambda x, y: ref_selective_log_softmax(x, y, 0.7), logits, dtype, labels)
     row_mask = torch.rand(labels.shape, generator=torch.Generator().manual_seed(4)) > 0.3
-    check_value_and_grad(lambda x, y: trl_utils.selective_log_softmax(x, y, row_mask=row_mask),
-                         lambda x, y: ref_selective_log_softmax(x, y, row_mask=row_mask), logits, dtype, labels)
     topk = logits.float().topk(4, dim=-1).indices  # K labels per row
-    check_value_and_grad(lambda x, y: trl_utils.selective_log_softmax(x, y, 1.5),
-                         lambda x, y: ref_selective_log_softmax(x, y, 1.5), logits, dtype, topk)
-    # and the real TRL function, on fp32 logits
-    real = trl_utils_real.selective_log_softmax(logits.float(), labels, temperature=0.7)
-    torch.testing.assert_close(trl_utils.selective_log_softmax(logits.float(), labels, 0.7), real.float(),
-                               **TOL[dtype])
+    cases = [((labels,), {}), ((labels,), dict(temperature=0.7)), ((labels,), dict(row_mask=row_mask)),
+             ((topk,), dict(temperature=1.5)), ((topk,), dict(row_mask=topk > 100))]
+    for args, kw in cases:
+        out = check_against_reference(lambda x, i, kw=kw: trl_utils.selective_log_softmax(x, i, **kw),
+                                      lambda x, i, kw=kw: trl_selective_log_softmax(x, i, **kw), logits, *args)
+        # the peer's own result dtype, and its values within the peer's precision in that dtype
+        peer = trl_real.selective_log_softmax(logits, *args, **kw)
+        assert out.dtype == peer.dtype == trl_selective_log_softmax(logits, *args, **kw).dtype
+        torch.testing.assert_close(out.detach().double(), peer.double(), rtol=4 * peer_tol(dtype), atol=1e-6)
+
+
+def peer_tol(dtype):
+    return {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_trl_entropy_and_joint(dtype):
+def test_entropy_and_joint_values_dtype_and_gradients(dtype):
     logits, labels = inputs(dtype)
-    check_value_and_grad(trl_utils.entropy_from_logits, ref_entropy_trl, logits, dtype)
-    torch.testing.assert_close(trl_utils.entropy_from_logits(logits.float(), chunk_size=2),
-                               trl_utils_real.entropy_from_logits(logits.float(), chunk_size=2), **TOL[dtype])
-    lp, ent = trl_utils.selective_log_softmax_and_entropy(logits, labels, entropy_requires_grad=False,
-                                                          temperature=2.0)
-    real_lp, real_ent = trl_utils_real.selective_log_softmax_and_entropy(logits.double(), labels,
-                                                                         temperature=2.0)
-    torch.testing.assert_close(lp.double(), real_lp, **TOL[dtype])
-    torch.testing.assert_close(ent.double(), real_ent, **TOL[dtype])
-    torch.testing.assert_close(ent.double(), ref_entropy_trl(logits.double() / 2.0), **TOL[dtype])
+    check_against_reference(trl_utils.entropy_from_logits, trl_entropy, logits)
+    assert trl_utils.entropy_from_logits(logits, chunk_size=2).dtype == trl_real.entropy_from_logits(logits, 2).dtype
+    row_mask = (torch.arange(labels.numel()).view(labels.shape) % 3 != 0).long()
+    for which in (0, 1):  # the log-probs, then the entropy, each against the definition
+        for kw in (dict(temperature=2.0), dict(row_mask=row_mask, temperature=0.8)):
+            check_against_reference(
+                lambda x, y, kw=kw, w=which: trl_utils.selective_log_softmax_and_entropy(x, y, **kw)[w],
+                lambda x, y, kw=kw, w=which: trl_joint(x, y, **kw)[w], logits, labels)
+    lp, ent = trl_utils.selective_log_softmax_and_entropy(logits, labels, False, 2.0, row_mask)
+    real_lp, real_ent = trl_real.selective_log_softmax_and_entropy(logits, labels, False, 2.0, row_mask)
+    assert (lp.dtype, ent.dtype) == (real_lp.dtype, real_ent.dtype) == (dtype, dtype)
+    tol = dict(rtol=4 * peer_tol(dtype), atol=1e-6)
+    torch.testing.assert_close(lp.double(), real_lp.double(), **tol)
+    torch.testing.assert_close(ent.double(), real_ent.double(), **tol)
+    assert (ent[row_mask == 0] == 0).all() and (lp[row_mask == 0] == 0).all()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_openrlhf(dtype):
-    logits, labels = inputs(dtype, shape=(2, 3, 4))
-    check_value_and_grad(openrlhf.log_probs_from_logits, ref_log_probs_openrlhf, logits, dtype, labels)
-    before = logits.clone()
-    check_value_and_grad(lambda x, y: openrlhf.log_probs_from_logits(x, y, temperature=0.5),
-                         lambda x, y: ref_log_probs_openrlhf(x, y, temperature=0.5), logits, dtype, labels)
-    assert torch.equal(logits, before)  # the caller's logits are not divided in place
-    check_value_and_grad(openrlhf.compute_entropy, ref_entropy_logsumexp, logits, dtype)
+def test_entropy_requires_grad_false_gives_a_detached_entropy_and_k_labels_work_without_row_mask():
+    logits, labels = inputs(torch.float32)
+    x = logits.clone().requires_grad_(True)
+    lp, ent = trl_utils.selective_log_softmax_and_entropy(x, labels, entropy_requires_grad=False)
+    assert lp.requires_grad and not ent.requires_grad
+    topk = logits.topk(3, dim=-1).indices
+    lp_k, ent_k = trl_utils.selective_log_softmax_and_entropy(logits, topk, temperature=0.5)
+    want_lp, want_ent = trl_real.selective_log_softmax_and_entropy(logits, topk, temperature=0.5)
+    torch.testing.assert_close(lp_k, want_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent_k, want_ent, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="row_mask needs one label per row"):
+        trl_utils.selective_log_softmax_and_entropy(logits, topk, row_mask=torch.ones_like(topk))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_verl(dtype):
+def test_float64_is_computed_in_float64():
+    logits, labels = fp64_sensitive_inputs()
+    exact_lp = trl_selective_log_softmax(logits, labels, temperature=0.3)
+    # fp32 arithmetic on these logits is off by far more than the float64 tolerance below
+    assert (trl_selective_log_softmax(logits.float(), labels, 0.3).double() - exact_lp).abs().max() > 1e-7
+    lp = trl_utils.selective_log_softmax(logits, labels, temperature=0.3)
+    lp2, ent = trl_utils.selective_log_softmax_and_entropy(logits, labels, temperature=0.3)
+    ent_all = trl_utils.entropy_from_logits(logits / 0.3)
+    assert {lp.dtype, lp2.dtype, ent.dtype, ent_all.dtype} == {torch.float64}
+    for got, want in ((lp, exact_lp), (lp2, exact_lp), (ent, trl_entropy(logits / 0.3)),
+                      (ent_all, trl_entropy(logits / 0.3))):
+        assert_value(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_results_can_be_edited_in_place_before_the_backward(dtype):
     logits, labels = inputs(dtype)
-    for inplace in (True, False):
-        check_value_and_grad(lambda x, y, i=inplace: verl.logprobs_from_logits(x, y, inplace_backward=i),
-                             ref_logprobs_verl, logits, dtype, labels)
-    check_value_and_grad(verl.entropy_from_logits, ref_entropy_logsumexp, logits, dtype)
+    check_against_reference(trl_utils.selective_log_softmax, trl_selective_log_softmax, logits, labels,
+                            edit=(0, 2))
+    check_against_reference(trl_utils.entropy_from_logits, trl_entropy, logits, edit=(1, slice(None)))
+    x = logits.clone().requires_grad_(True)
+    lp, ent = trl_utils.selective_log_softmax_and_entropy(x * 1, labels)
+    lp[0, 2] = 0.0
+    ent.mul_(0.5)
+    (lp.sum() + ent.sum()).backward()
+    assert torch.isfinite(x.grad).all()
 
 
-def test_masked_means():
-    g = torch.Generator().manual_seed(5)
-    values = torch.randn(4, 6, generator=g, dtype=torch.float64)
-    mask = (torch.rand(4, 6, generator=g) > 0.4).double()
-    mask[:, 0] = 1.0
-    for axis in (None, 0, 1, -1):
-        torch.testing.assert_close(verl.masked_mean(values, mask, axis), ref_masked_mean(values, mask, axis))
-        torch.testing.assert_close(openrlhf.masked_mean(values, mask, axis), ref_masked_mean(values, mask, axis))
-        torch.testing.assert_close(verl.masked_sum(values, mask, axis), (values * mask).sum(axis))
-    torch.testing.assert_close(openrlhf.masked_mean(values, None, 1), values.mean(1))
-    assert torch.isnan(verl.masked_mean(values, torch.zeros_like(mask)))  # as the peer: no epsilon
+@pytest.fixture
+def trl_kernel_on_cpu(monkeypatch):
+    """Applies TRL's kernel rule to CPU tensors, as it applies to CUDA/XPU ones."""
+    monkeypatch.setattr(trl_utils, "TRL_KERNEL_DEVICES", ("cpu",))
+    monkeypatch.setattr(_common, "TRITON_INSTALLED", True)
+
+
+def test_result_dtype_follows_trls_kernel_rule(trl_kernel_on_cpu):
+    """TRL 1.16 (trl/trainer/utils.py::_supports_trl_loss_kernel): its Triton kernel takes logits on CUDA/XPU
+    in fp32/bf16/fp16 with 1 to 3 dims, unit last stride, V > 0, one int32/int64 label per row on the same
+    device, and a row mask of the labels' shape in bool/int32/int64; it returns fp32. Any other call goes to
+    the eager path, which returns the logits' dtype."""
+    logits, labels = inputs(torch.bfloat16)
+    sel, joint, ent = (trl_utils.selective_log_softmax, trl_utils.selective_log_softmax_and_entropy,
+                       trl_utils.entropy_from_logits)
+    kernel = torch.float32
+    assert sel(logits, labels).dtype == kernel and ent(logits).dtype == kernel
+    assert [t.dtype for t in joint(logits, labels, row_mask=labels > 9)] == [kernel, kernel]
+    assert sel(logits, labels, row_mask=(labels > 9).long()).dtype == kernel
+    assert sel(logits, labels.int()).dtype == kernel
+    eager = torch.bfloat16
+    assert sel(logits, labels, row_mask=(labels > 9).float()).dtype == eager  # a float row mask
+    assert sel(logits, logits.topk(2, -1).indices).dtype == eager  # K labels per row
+    wide = logits.transpose(-1, -2).contiguous().transpose(-1, -2)  # last stride != 1
+    assert sel(wide, labels).dtype == eager and ent(wide).dtype == eager
+    assert ent(logits.view(3, 5, 1, 257)).dtype == eager  # 4 dims
+    assert sel(logits.double(), labels).dtype == torch.float64 and ent(logits.double()).dtype == torch.float64
+    assert ent(logits[0, 0]).dtype == kernel  # 1 dim
+    with mock.patch.object(_common, "TRITON_INSTALLED", False):
+        assert sel(logits, labels).dtype == eager and ent(logits).dtype == eager
 
 
 def test_entropy_without_labels_is_one_pass_of_the_op():
-    logits, _ = inputs(torch.float32)
+    logits, labels = inputs(torch.float32)
     with mock.patch.object(_common, "token_entropy", wraps=_common.token_entropy) as ent, \
             mock.patch.object(_common, "token_logprobs", wraps=_common.token_logprobs) as lp:
         for fn in (trl_utils.entropy_from_logits, openrlhf.compute_entropy, verl.entropy_from_logits):
             fn(logits)
         assert ent.call_count == 3 and lp.call_count == 0
-        trl_utils.selective_log_softmax_and_entropy(logits, inputs(torch.float32)[1])
+        trl_utils.selective_log_softmax_and_entropy(logits, labels)
         assert ent.call_count == 3 and lp.call_count == 1  # log-probs and entropy from the same single pass
 
 
@@ -166,3 +176,7 @@ def test_errors_name_the_function():
         trl_utils.selective_log_softmax(logits, labels, temperature=0)
     with pytest.raises(ValueError, match="expected row_mask of shape"):
         trl_utils.selective_log_softmax(logits, labels, row_mask=labels[:1])
+    with pytest.raises(ValueError, match=r"selective_log_softmax: expected an index of shape \(3, 5\)"):
+        trl_utils.selective_log_softmax(logits, labels[:2].unsqueeze(-1))
+    with pytest.raises(TypeError, match="expected an integer index tensor, found list"):
+        trl_utils.selective_log_softmax(logits, [1, 2])
