@@ -1,23 +1,31 @@
 """The correctness checks: each runs one public op on its Triton path and compares it with float64.
 
-What is checked, for each dtype and V (the plan is :func:`benchmarks.gpu_check.correctness.group_checks`):
+What is checked, for each dtype (fp32, bf16, fp16, fp64) and V (the plan is
+:func:`benchmarks.gpu_check.correctness.group_checks`):
 
 * ``token_logprobs`` / ``sequence_logprobs`` on the shifted view ``logits[:, :-1]`` with masked tokens
   and an all-masked sequence, upstream gradients on both outputs, on the log-probs only and on the
   entropies only (the three backward variants), temperatures 0.7 and 2.5, ``inplace_backward=True``;
+* the logit transforms: a soft cap with a logit scale and a temperature (each backward variant, the
+  slope through the tanh), a negative logit scale;
+* the statistics (``return_stats=True``: log Σp², mean logit, is_top1) with and without a soft cap,
+  with labels, without labels and in the memory mode, followed by a backward through the same call;
 * the memory mode (``linear_token_logprobs`` / ``linear_sequence_logprobs``, several chunks);
 * without labels (``token_entropy`` and ``token_logprobs(logits, None)``): entropy and logsumexp of
-  every row, upstream gradients on both, on the entropies only and on the logsumexp only;
+  every row, upstream gradients on both, on the entropies only and on the logsumexp only, with and
+  without a soft cap;
 * -inf logits (a padded vocabulary and a row with a block of -inf): finite values, zero gradient there;
 * out-of-range labels: NaN for those tokens, the others exact, no device fault (on CPU the public op
-  raises ``ValueError`` by contract, so the launcher is called directly for the kernel's behaviour);
-* the per-sequence reduction at every block size it can launch;
+  raises ``ValueError`` by contract, so its autograd Function is called directly for the kernels'
+  behaviour);
+* the per-sequence reduction at every block size it can launch (fp32 values; fp64 for fp64 logits);
 * rows·V beyond 2³¹ elements (int64 offsets), on sampled rows.
 
-Tolerances are those of ``tests/ops`` (a test keeps them equal). A row passes when every element
-satisfies ``abs(x - ref) <= atol + rtol·abs(ref)`` (memory-mode parameter gradients:
-``<= rel·max abs(ref) + K·u·(abs(A)·abs(B))``); ``worst`` is the largest ratio of an error to its
-allowance (> 1 fails).
+Tolerances are those of ``tests/ops`` (a test keeps them equal; fp64: those of
+``tests/ops/test_triton_backend.py``), scaled for the transforms: values carry eps·max|z| and gradients
+the slope dz/dy. A row passes when every element satisfies ``abs(x - ref) <= atol + rtol·abs(ref)``
+(memory-mode parameter gradients: ``<= rel·max abs(ref) + K·u·(abs(A)·abs(B))``); ``worst`` is the
+largest ratio of an error to its allowance (> 1 fails).
 """
 
 from __future__ import annotations
@@ -30,23 +38,24 @@ from typing import Any
 import torch
 
 MARKER = "@@GPU_CHECK@@"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()} | {torch.float64: "fp64"}
-# Values (logp, H) are fp32 whatever the input; the reference sees the same rounded inputs in float64.
-VALUE_ATOL = {"fp32": 1e-5, "bf16": 1e-4, "fp16": 1e-4}
-VALUE_RTOL = 1e-5
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# Values (logp, H, lse, statistics) are fp32 whatever the input (float64 for fp64 logits); the reference
+# sees the same rounded inputs in float64.
+VALUE_ATOL = {"fp32": 1e-5, "bf16": 1e-4, "fp16": 1e-4, "fp64": 1e-10}
+VALUE_RTOL = {"fp32": 1e-5, "bf16": 1e-5, "fp16": 1e-5, "fp64": 1e-10}
 # Gradients are written in the logits dtype: that dtype's rounding of values <= ~1.
-GRAD_ATOL = {"fp32": 1e-6, "bf16": 8e-3, "fp16": 1e-3}
-GRAD_RTOL = 1e-2
+GRAD_ATOL = {"fp32": 1e-6, "bf16": 8e-3, "fp16": 1e-3, "fp64": 1e-12}
+GRAD_RTOL = {"fp32": 1e-2, "bf16": 1e-2, "fp16": 1e-2, "fp64": 1e-8}
 # Without labels the entropy gradient p·(log p + H) exceeds 1 in magnitude: tests/ops/test_entropy_values.py
 # allows 4x the gradient tolerance.
 NO_LABELS_GRAD_FACTOR = 4
 # Memory-mode parameter gradients (matmul outputs): the tests' bound relative to the largest reference
-# entry (fp16 keeps bf16's, its rounding is finer) plus the worst-case rounding of a K-term fp32
-# accumulation, K·u·(|A|·|B|) elementwise (u = 2^-24; any summation order, split-K included), which the
-# tests' small V never reach: K = V for the hidden states' gradient.
-LINEAR_GRAD_REL = {"fp32": 2e-6, "bf16": 1.2e-2, "fp16": 1.2e-2}
-FP32_UNIT_ROUNDOFF = 2.0**-24
+# entry (fp16 keeps bf16's, its rounding is finer) plus the worst-case rounding of a K-term accumulation,
+# K·u·(|A|·|B|) elementwise (u = 2^-24 for fp32 accumulation, 2^-53 for float64; any summation order,
+# split-K included), which the tests' small V never reach: K = V for the hidden states' gradient.
+LINEAR_GRAD_REL = {"fp32": 2e-6, "bf16": 1.2e-2, "fp16": 1.2e-2, "fp64": 1e-12}
+UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-24, "fp16": 2.0**-24, "fp64": 2.0**-53}
 IGNORE = -100
 UPSTREAMS = ("both", "logp", "entropy")
 
@@ -100,10 +109,11 @@ class Row:
         err, ratio = relative_excess(actual, ref, rel)
         self._add(what, err, ratio, f"{rel:g}·max abs(ref)")
 
-    def compare_matmul(self, what: str, actual, ref, rel: float, abs_product: torch.Tensor, k: int) -> None:
+    def compare_matmul(self, what: str, actual, ref, rel: float, abs_product: torch.Tensor, k: int,
+                       unit_roundoff: float) -> None:
         """Matmul output against float64: ``rel·max|ref| + K·u·(|A|·|B|)`` elementwise."""
         a, r = actual.detach().double().cpu(), ref.detach().double().cpu()
-        allowed = rel * max(float(r.abs().max()), 1e-3) + k * FP32_UNIT_ROUNDOFF * abs_product.detach().cpu()
+        allowed = rel * max(float(r.abs().max()), 1e-3) + k * unit_roundoff * abs_product.detach().cpu()
         diff = torch.nan_to_num((a - r).abs(), nan=math.inf)
         self._add(what, float(diff.max()), float((diff / allowed).max()), f"{rel:g}·max abs(ref) + K·u·abs(A)·abs(B)")
 
@@ -146,13 +156,49 @@ def make_logits(batch: int, seq: int, vocab: int, dtype: str, gen, device: str) 
     return (2.0 * torch.randn(batch, seq + 1, vocab, generator=gen)).to(device, DTYPES[dtype])
 
 
-def reference(logits: torch.Tensor, labels: torch.Tensor, sequence: bool, temperature: float = 1.0):
+def transform_of(spec: dict[str, Any]):
+    """The LogitTransform of a check's options (temperature, softcap, logit_scale)."""
+    from mallowspo_fast.ops.transform import LogitTransform
+
+    return LogitTransform(spec.get("temperature", 1.0), spec.get("softcap"), spec.get("logit_scale", 1.0))
+
+
+def op_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of the public op for a check's transform and statistics options."""
+    opts = {"temperature": spec.get("temperature", 1.0), "softcap": spec.get("softcap"),
+            "logit_scale": spec.get("logit_scale", 1.0)}
+    return {**opts, "return_stats": True} if spec.get("stats") else opts
+
+
+def scales(x64: torch.Tensor, transform) -> tuple[float, float]:
+    """(value, gradient) tolerance multipliers: values carry eps·max|z| (beyond |z| = 10) and gradients
+    are multiplied by the slope dz/dy (beyond 1)."""
+    z = transform.apply(x64.detach())
+    finite = z[torch.isfinite(z)]
+    zmax = float(finite.abs().max()) if finite.numel() else 0.0
+    slope = abs(transform.post * (transform.pre if transform.has_softcap else 1.0))
+    return max(1.0, zmax / 10), max(1.0, slope)
+
+
+def reference(logits: torch.Tensor, labels: torch.Tensor, sequence: bool, transform=None):
     """float64 naive op on the same (rounded) values: (leaf float64 logits, outputs)."""
     from mallowspo_fast.ops.naive import naive_sequence_logprobs, naive_token_logprobs
 
     x = logits.detach().double().requires_grad_(True)
     fn = naive_sequence_logprobs if sequence else naive_token_logprobs
-    return x, fn(x, labels, IGNORE, temperature, compute_dtype=torch.float64)
+    return x, fn(x, labels, IGNORE, compute_dtype=torch.float64, transform=transform)
+
+
+def compare_stats(row: Row, out, x64: torch.Tensor, labels, transform, dtype: str, scale: float) -> None:
+    """log Σp², mean logit and (with labels) is_top1 of a ``return_stats`` call against float64."""
+    from mallowspo_fast.ops.naive import naive_token_stats
+
+    _, _, sq, mean, top1 = naive_token_stats(x64.detach(), labels, IGNORE, transform, torch.float64)
+    atol, rtol = VALUE_ATOL[dtype] * scale, VALUE_RTOL[dtype]
+    row.compare("log_sum_sq_probs", out.log_sum_sq_probs, sq, atol, rtol)
+    row.compare("mean_logits", out.mean_logits, mean, atol, rtol)
+    if labels is not None:
+        row.require("is_top1", torch.equal(out.is_top1.cpu(), top1.cpu()))
 
 
 def upstream_loss(outs: tuple, grads: tuple, upstream: str):
@@ -172,11 +218,16 @@ def _inject(spec: dict[str, Any], logps: torch.Tensor, atol: float) -> torch.Ten
     return logps
 
 
+def _grads(shape, gen, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device)
+
+
 # ------------------------------------------------------------------------------------------- checks
 
 
 def check_logits_op(spec: dict[str, Any], device: str) -> dict[str, Any]:
-    """token_logprobs / sequence_logprobs on the shifted view, one upstream combination."""
+    """token_logprobs / sequence_logprobs on the shifted view, one upstream combination, one transform
+    (and the statistics with ``stats``)."""
     import mallowspo_fast as mpf
 
     dtype, vocab, sequence = spec["dtype"], spec["vocab"], spec["op"] == "sequence_logprobs"
@@ -186,24 +237,26 @@ def check_logits_op(spec: dict[str, Any], device: str) -> dict[str, Any]:
     labels = make_labels(batch, seq, vocab, gen, device)
     # In place: the op must own its buffer, so it gets a non-leaf copy (the gradient reaches the leaf).
     logits = (leaf * 1.0)[:, :-1] if spec["inplace"] else leaf[:, :-1]
-    temperature = spec["temperature"]
-    out = getattr(mpf, spec["op"])(logits, labels, temperature=temperature, backend="triton",
-                                   inplace_backward=spec["inplace"])
-    xr, ref = reference(logits, labels, sequence, temperature)
+    transform = transform_of(spec)
+    out = getattr(mpf, spec["op"])(logits, labels, backend="triton", inplace_backward=spec["inplace"],
+                                   **op_options(spec))
+    xr, ref = reference(logits, labels, sequence, transform)
+    vscale, gscale = scales(xr, transform)
     row = Row(spec)
-    atol = VALUE_ATOL[dtype]
+    atol, rtol = VALUE_ATOL[dtype] * vscale, VALUE_RTOL[dtype]
     # A per-sequence sum adds up to T token errors.
     logp_atol = atol * seq if sequence else atol
     logps = _inject(spec, out.logps, logp_atol)
-    row.compare("logp", logps, ref[0], logp_atol, VALUE_RTOL)
-    row.compare("entropy", out.entropy, ref[1], atol, VALUE_RTOL)
+    row.compare("logp", logps, ref[0], logp_atol, rtol)
+    row.compare("entropy", out.entropy, ref[1], atol, rtol)
     if sequence:
         row.require("num_tokens", torch.equal(out.num_tokens.cpu(), ref[2].cpu()))
-    shape = out.logps.shape
-    grads = (torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device))
+    if spec.get("stats"):
+        compare_stats(row, out, xr, labels, transform, dtype, vscale)
+    grads = _grads(out.logps.shape, gen, device)
     upstream_loss((logps, out.entropy), grads, spec["upstream"]).backward()
     upstream_loss(ref, tuple(g.double() for g in grads), spec["upstream"]).backward()
-    row.compare("grad", leaf.grad[:, :-1], xr.grad, GRAD_ATOL[dtype], GRAD_RTOL)
+    row.compare("grad", leaf.grad[:, :-1], xr.grad, GRAD_ATOL[dtype] * vscale * gscale, GRAD_RTOL[dtype])
     row.require("grad dtype", leaf.grad.dtype == leaf.dtype)
     row.require("zero grad off the view", bool((leaf.grad[:, -1] == 0).all()))
     return row.result()
@@ -211,13 +264,17 @@ def check_logits_op(spec: dict[str, Any], device: str) -> dict[str, Any]:
 
 def _chunked_rounded_logits(hidden, weight, labels, chunk_size: int) -> torch.Tensor:
     """The logits the memory mode sees, computed exactly as it computes them (same rows, same chunk
-    shapes, same matmul), so that the reference carries the same rounding; masked rows stay 0."""
+    shapes, the op's own chunk product and logits dtype), so that the reference carries the same
+    rounding; masked rows stay 0."""
+    from mallowspo_fast.ops.linear import _chunk_logits, default_fp32_logits
+
+    fp32 = default_fp32_logits(hidden.device)
     flat_h = hidden.detach().reshape(-1, hidden.shape[-1])
     rows = (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
     out = torch.zeros(flat_h.shape[0], weight.shape[0], dtype=torch.float64, device=hidden.device)
     for start in range(0, rows.numel(), chunk_size):
         idx = rows[start:start + chunk_size]
-        out[idx] = torch.mm(flat_h[idx], weight.detach().t()).double()
+        out[idx] = _chunk_logits(flat_h[idx], weight.detach(), None, fp32).double()
     return out.view(*hidden.shape[:-1], weight.shape[0])
 
 
@@ -237,36 +294,42 @@ def check_memory_mode(spec: dict[str, Any], device: str) -> dict[str, Any]:
     weight = (torch.randn(vocab, dim, generator=gen) * 2 * dim**-0.5).to(device, DTYPES[dtype])
     weight.requires_grad_(True)
     labels = make_labels(batch, seq, vocab, gen, device)
-    out = getattr(mpf, spec["op"])(hidden, weight, labels, chunk_size=chunk, backend="triton")
+    out = getattr(mpf, spec["op"])(hidden, weight, labels, chunk_size=chunk, backend="triton", **op_options(spec))
     h64 = hidden.detach().double().requires_grad_(True)
     w64 = weight.detach().double().requires_grad_(True)
     exact = F.linear(h64, w64)
     logits = exact + (_chunked_rounded_logits(hidden, weight, labels, chunk) - exact).detach()
     logits.retain_grad()
+    transform = transform_of(spec)
+    # On ``logits`` itself (not a detached copy): the gradients flow on to h64 and w64.
     fn = naive_sequence_logprobs if sequence else naive_token_logprobs
-    ref = fn(logits, labels, IGNORE, 1.0, compute_dtype=torch.float64)
+    ref = fn(logits, labels, IGNORE, compute_dtype=torch.float64, transform=transform)
+    vscale, _ = scales(logits, transform)
     row = Row(spec)
-    atol = VALUE_ATOL[dtype] * (seq if sequence else 1)
-    logps = _inject(spec, out.logps, atol)
-    row.compare("logp", logps, ref[0], atol, VALUE_RTOL)
-    row.compare("entropy", out.entropy, ref[1], VALUE_ATOL[dtype], VALUE_RTOL)
-    shape = out.logps.shape
-    grads = (torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device))
+    atol, rtol = VALUE_ATOL[dtype] * vscale, VALUE_RTOL[dtype]
+    logp_atol = atol * (seq if sequence else 1)
+    logps = _inject(spec, out.logps, logp_atol)
+    row.compare("logp", logps, ref[0], logp_atol, rtol)
+    row.compare("entropy", out.entropy, ref[1], atol, rtol)
+    if spec.get("stats"):
+        compare_stats(row, out, logits, labels, transform, dtype, vscale)
+    grads = _grads(out.logps.shape, gen, device)
     upstream_loss((logps, out.entropy), grads, spec["upstream"]).backward()
     upstream_loss(ref, tuple(g.double() for g in grads), spec["upstream"]).backward()
     # |dL/dlogits| (float64 reference) times |weight| / |hidden|: the scale of each product's rounding.
     dz = logits.grad.detach().abs().reshape(-1, vocab)
     h_abs, w_abs = h64.detach().abs().reshape(-1, dim), w64.detach().abs()
     rows = int((labels != IGNORE).sum())
-    row.compare_matmul("grad hidden", hidden.grad, h64.grad, LINEAR_GRAD_REL[dtype],
-                       (dz @ w_abs).view(hidden.shape), vocab)
-    row.compare_matmul("grad weight", weight.grad, w64.grad, LINEAR_GRAD_REL[dtype], dz.t() @ h_abs, rows)
+    u, rel = UNIT_ROUNDOFF[dtype], LINEAR_GRAD_REL[dtype]
+    row.compare_matmul("grad hidden", hidden.grad, h64.grad, rel, (dz @ w_abs).view(hidden.shape), vocab, u)
+    row.compare_matmul("grad weight", weight.grad, w64.grad, rel, dz.t() @ h_abs, rows, u)
     row.require("grad dtype", hidden.grad.dtype == weight.grad.dtype == hidden.dtype)
     return row.result()
 
 
 def check_neg_inf(spec: dict[str, Any], device: str) -> dict[str, Any]:
-    """A padded vocabulary (last V/16 columns at -inf) and a row whose first third is -inf."""
+    """A padded vocabulary (last V/16 columns at -inf) and a row whose first third is -inf. With a soft
+    cap, -inf maps to the finite -cap/T: a real probability there, but a zero slope."""
     import mallowspo_fast as mpf
 
     dtype, vocab = spec["dtype"], spec["vocab"]
@@ -280,16 +343,19 @@ def check_neg_inf(spec: dict[str, Any], device: str) -> dict[str, Any]:
     labels = make_labels(batch, seq, vocab, gen, device, high=vocab - pad)
     if labels[0, 1] != IGNORE:  # that row's label must be a finite logit
         labels[0, 1] = vocab - pad - 1
-    out = mpf.token_logprobs(leaf[:, :-1], labels, backend="triton")
-    xr, ref = reference(leaf[:, :-1], labels, False)
+    transform = transform_of(spec)
+    out = mpf.token_logprobs(leaf[:, :-1], labels, backend="triton", **op_options(spec))
+    xr, ref = reference(leaf[:, :-1], labels, False, transform)
+    vscale, gscale = scales(xr, transform)
     row = Row(spec)
-    logps = _inject(spec, out.logps, VALUE_ATOL[dtype])
-    row.compare("logp", logps, ref[0], VALUE_ATOL[dtype], VALUE_RTOL)
-    row.compare("entropy", out.entropy, ref[1], VALUE_ATOL[dtype], VALUE_RTOL)
-    grads = (torch.randn(labels.shape, generator=gen).to(device), torch.randn(labels.shape, generator=gen).to(device))
+    atol, rtol = VALUE_ATOL[dtype] * vscale, VALUE_RTOL[dtype]
+    logps = _inject(spec, out.logps, atol)
+    row.compare("logp", logps, ref[0], atol, rtol)
+    row.compare("entropy", out.entropy, ref[1], atol, rtol)
+    grads = _grads(labels.shape, gen, device)
     upstream_loss((logps, out.entropy), grads, "both").backward()
     upstream_loss(ref, tuple(g.double() for g in grads), "both").backward()
-    row.compare("grad", leaf.grad[:, :-1], xr.grad, GRAD_ATOL[dtype], GRAD_RTOL)
+    row.compare("grad", leaf.grad[:, :-1], xr.grad, GRAD_ATOL[dtype] * vscale * gscale, GRAD_RTOL[dtype])
     row.require("finite", bool(torch.isfinite(leaf.grad).all() and torch.isfinite(out.entropy).all()))
     row.require("zero grad on -inf", bool((leaf.grad[..., vocab - pad:] == 0).all()))
     return row.result()
@@ -299,7 +365,7 @@ def check_out_of_range(spec: dict[str, Any], device: str) -> dict[str, Any]:
     """Labels outside [0, V) that are not ignore_index: NaN log-prob for those tokens, the other
     tokens exact, a finite gradient, no device fault."""
     import mallowspo_fast as mpf
-    from mallowspo_fast.ops.triton_path import triton_token_logprobs
+    from mallowspo_fast.ops.functions import TokenLogprobsFunction
 
     dtype, vocab = spec["dtype"], spec["vocab"]
     batch, seq = spec["shape"]
@@ -312,26 +378,29 @@ def check_out_of_range(spec: dict[str, Any], device: str) -> dict[str, Any]:
         bad[b, t] = True
     row = Row(spec)
     logits = leaf[:, :-1]
+    transform = transform_of(spec)
     if device == "cuda":
-        out = mpf.token_logprobs(logits, labels, backend="triton")
+        out = mpf.token_logprobs(logits, labels, backend="triton", **op_options(spec))
     else:
         # On CPU the public op checks the labels (free there) and raises; the kernels' own behaviour,
-        # the one CUDA relies on, is reached through the launcher the op dispatches to.
+        # the one CUDA relies on, is reached through the autograd Function the op dispatches to.
         try:
             mpf.token_logprobs(logits, labels, backend="triton")
             raised = False
         except ValueError:
             raised = True
         row.require("ValueError on CPU", raised)
-        row.notes.append("CPU: the public op raises ValueError by contract; kernels called via their launcher")
-        out = mpf.TokenLogprobs(*triton_token_logprobs(logits, labels, IGNORE, 1.0))
+        row.notes.append("CPU: the public op raises ValueError by contract; kernels called via its Function")
+        out = mpf.TokenLogprobs(*TokenLogprobsFunction.apply(logits, labels, IGNORE, transform, False, False,
+                                                             "triton"))
     good_labels = labels.masked_fill(bad, IGNORE)
-    xr, ref = reference(logits, good_labels, False)
+    xr, ref = reference(logits, good_labels, False, transform)
     good = ~bad & (labels != IGNORE)
     row.require("NaN for out-of-range", bool(torch.isnan(out.logps[bad]).all()))
-    logps = _inject(spec, out.logps, VALUE_ATOL[dtype])
-    row.compare("logp", logps[good], ref[0][good], VALUE_ATOL[dtype], VALUE_RTOL)
-    row.compare("entropy", out.entropy[good], ref[1][good], VALUE_ATOL[dtype], VALUE_RTOL)
+    atol, rtol = VALUE_ATOL[dtype], VALUE_RTOL[dtype]
+    logps = _inject(spec, out.logps, atol)
+    row.compare("logp", logps[good], ref[0][good], atol, rtol)
+    row.compare("entropy", out.entropy[good], ref[1][good], atol, rtol)
     row.require("finite entropy", bool(torch.isfinite(out.entropy).all()))
     g = torch.randn(labels.shape, generator=gen).to(device)
     (torch.nan_to_num(logps, nan=0.0) * g * good).sum().backward()
@@ -339,27 +408,29 @@ def check_out_of_range(spec: dict[str, Any], device: str) -> dict[str, Any]:
     if device == "cuda":
         torch.cuda.synchronize()  # a fault in either kernel surfaces here
     row.require("finite grad", bool(torch.isfinite(leaf.grad).all()))
-    row.compare("grad", leaf.grad[:, :-1][good], xr.grad[good], GRAD_ATOL[dtype], GRAD_RTOL)
+    row.compare("grad", leaf.grad[:, :-1][good], xr.grad[good], GRAD_ATOL[dtype], GRAD_RTOL[dtype])
     return row.result()
 
 
 def check_reduce_blocks(spec: dict[str, Any], device: str) -> dict[str, Any]:
-    """sequence_logprobs at lengths that select every BLOCK_T of the per-sequence reduction."""
+    """sequence_logprobs at lengths that select every BLOCK_T of the per-sequence reduction (of fp32
+    values; of fp64 values for fp64 logits)."""
     import mallowspo_fast as mpf
 
     row = Row(spec)
     gen = _generator(spec["seed"])
-    vocab, batch = spec["vocab"], spec["shape"][0]
+    vocab, batch, dtype = spec["vocab"], spec["shape"][0], spec["dtype"]
     for seq in spec["seqs"]:
-        logits = make_logits(batch, seq, vocab, spec["dtype"], gen, device)[:, :-1]
+        logits = make_logits(batch, seq, vocab, dtype, gen, device)[:, :-1]
         # Mostly masked: the reduction reads every label either way, the forward skips masked rows.
         labels = make_labels(batch, seq, vocab, gen, device, mask_frac=spec.get("mask_frac", 0.25))
         out = mpf.sequence_logprobs(logits, labels, backend="triton")
         _, ref = reference(logits, labels, True)
-        atol = VALUE_ATOL[spec["dtype"]]
-        row.compare("logp", _inject(spec, out.logps, atol * seq), ref[0], atol * seq, VALUE_RTOL)
-        row.compare("entropy", out.entropy, ref[1], atol, VALUE_RTOL)
+        atol, rtol = VALUE_ATOL[dtype], VALUE_RTOL[dtype]
+        row.compare("logp", _inject(spec, out.logps, atol * seq), ref[0], atol * seq, rtol)
+        row.compare("entropy", out.entropy, ref[1], atol, rtol)
         row.require("num_tokens", torch.equal(out.num_tokens.cpu(), ref[2].cpu()))
+        row.require("dtype", out.logps.dtype == (torch.float64 if dtype == "fp64" else torch.float32))
     return row.result()
 
 
@@ -386,9 +457,10 @@ def check_large_offsets(spec: dict[str, Any], device: str) -> dict[str, Any]:
     ref = naive_token_logprobs(x, labels[0, idx], IGNORE, 1.0, compute_dtype=torch.float64)
     ((ref[0] * g[0, idx].double()).sum() + (ref[1] * h[0, idx].double()).sum()).backward()
     row = Row(spec)
-    row.compare("logp", logps[0, idx], ref[0], VALUE_ATOL[dtype], VALUE_RTOL)
-    row.compare("entropy", out.entropy[0, idx], ref[1], VALUE_ATOL[dtype], VALUE_RTOL)
-    row.compare("grad", leaf.grad[0, idx], x.grad, GRAD_ATOL[dtype], GRAD_RTOL)
+    atol, rtol = VALUE_ATOL[dtype], VALUE_RTOL[dtype]
+    row.compare("logp", logps[0, idx], ref[0], atol, rtol)
+    row.compare("entropy", out.entropy[0, idx], ref[1], atol, rtol)
+    row.compare("grad", leaf.grad[0, idx], x.grad, GRAD_ATOL[dtype], GRAD_RTOL[dtype])
     if rows * vocab <= 2**31:
         row.notes.append(f"rows·V = {rows * vocab:,} stays below 2³¹ (tiny dry-run shape)")
     return row.result()
@@ -396,7 +468,8 @@ def check_large_offsets(spec: dict[str, Any], device: str) -> dict[str, Any]:
 
 def check_no_labels(spec: dict[str, Any], device: str) -> dict[str, Any]:
     """token_entropy (and token_logprobs(logits, None), its other name): entropy and logsumexp of every
-    position of the shifted view, upstream grads on both, on lse only or on the entropies only."""
+    position of the shifted view, upstream grads on both, on lse only or on the entropies only; one
+    transform (and the statistics without labels with ``stats``)."""
     import mallowspo_fast as mpf
     from mallowspo_fast.ops.naive import naive_token_entropy
 
@@ -405,25 +478,29 @@ def check_no_labels(spec: dict[str, Any], device: str) -> dict[str, Any]:
     gen = _generator(spec["seed"])
     leaf = make_logits(batch, seq, vocab, dtype, gen, device).requires_grad_(True)
     logits = (leaf * 1.0)[:, :-1] if spec["inplace"] else leaf[:, :-1]
-    temperature = spec["temperature"]
-    kwargs = {"temperature": temperature, "backend": "triton", "inplace_backward": spec["inplace"]}
+    kwargs = {"backend": "triton", "inplace_backward": spec["inplace"], **op_options(spec)}
     if spec["op"] == "token_entropy":
         out = mpf.token_entropy(logits, **kwargs)
     else:
         out = mpf.token_logprobs(logits, None, **kwargs)
+    transform = transform_of(spec)
     x = logits.detach().double().requires_grad_(True)
-    ref = naive_token_entropy(x, temperature, compute_dtype=torch.float64)
+    ref = naive_token_entropy(x, compute_dtype=torch.float64, transform=transform)
+    vscale, gscale = scales(x, transform)
     row = Row(spec)
-    atol = VALUE_ATOL[dtype]
+    atol, rtol = VALUE_ATOL[dtype] * vscale, VALUE_RTOL[dtype]
     entropy = _inject(spec, out.entropy, atol)
-    row.compare("entropy", entropy, ref[0], atol, VALUE_RTOL)
-    row.compare("lse", out.lse, ref[1], atol, VALUE_RTOL)
-    grads = tuple(torch.randn(entropy.shape, generator=gen).to(device) for _ in range(2))
+    row.compare("entropy", entropy, ref[0], atol, rtol)
+    row.compare("lse", out.lse, ref[1], atol, rtol)
+    if spec.get("stats"):
+        compare_stats(row, out, x, None, transform, dtype, vscale)
+    grads = _grads(entropy.shape, gen, device)
     # upstream_loss weighs (first, second) output as (logp, entropy): here (entropy, lse).
     upstream = {"both": "both", "entropy": "logp", "lse": "entropy"}[spec["upstream"]]
     upstream_loss((entropy, out.lse), grads, upstream).backward()
     upstream_loss(ref, tuple(g.double() for g in grads), upstream).backward()
-    row.compare("grad", leaf.grad[:, :-1], x.grad, GRAD_ATOL[dtype] * NO_LABELS_GRAD_FACTOR, GRAD_RTOL)
+    row.compare("grad", leaf.grad[:, :-1], x.grad, GRAD_ATOL[dtype] * NO_LABELS_GRAD_FACTOR * vscale * gscale,
+                GRAD_RTOL[dtype])
     row.require("zero grad off the view", bool((leaf.grad[:, -1] == 0).all()))
     return row.result()
 

@@ -23,27 +23,35 @@ from typing import Any
 
 from .checks import CHECKS, DTYPE_NAMES, DTYPES, UPSTREAMS, emit
 
+# Options of a check and their defaults; a check's name lists those it changes, in this order (the
+# upstream grads last, so that no check's name is a prefix of another's: --inject-error matches substrings).
+OPTION_DEFAULTS = {"temperature": 1.0, "softcap": None, "logit_scale": 1.0, "stats": False, "inplace": False,
+                   "upstream": "both"}
+# The soft-capped transform of the checks: Gemma's cap, a logit scale and a temperature (z within ±cap/T).
+SOFTCAP = {"softcap": 30.0, "logit_scale": 2.0, "temperature": 0.7}
+
 # ---------------------------------------------------------------------------------------------- plan
 
 
 def group_checks(group: dict[str, Any]) -> list[dict[str, Any]]:
     """The checks of one group in run order. For each dtype and V: every public op on its Triton path
-    with each option; then the reduction block sweep, the out-of-range labels (the checks most likely
-    to fault a device, so that a fault costs the fewest rows) and the large-offset check."""
+    with each option (transforms, statistics, in place, which upstream grads); then the reduction block
+    sweep, the out-of-range labels (the checks most likely to fault a device, so that a fault costs the
+    fewest rows) and the large-offset check."""
     shape = group["shape"]
     checks: list[dict[str, Any]] = []
 
     def add(kind, op, dtype, vocab, **options):
-        opts = " ".join(f"{k}={v}" for k, v in options.items()
-                        if (k, v) not in (("upstream", "both"), ("temperature", 1.0), ("inplace", False))
-                        and k in ("upstream", "temperature", "inplace"))
+        given = {**OPTION_DEFAULTS, **options}
+        opts = " ".join(f"{k}={given[k]}" for k, default in OPTION_DEFAULTS.items() if given[k] != default)
         name = f"{kind}/{op}/{dtype}/V={vocab}" + (f"/{opts.replace(' ', '/')}" if opts else "")
         checks.append({"check": name, "kind": kind, "op": op, "dtype": dtype, "vocab": vocab, "shape": shape,
-                       "options": opts, "seed": len(checks), "inject": group.get("inject"),
-                       "temperature": 1.0, "inplace": False, "upstream": "both", **options})
+                       "options": opts, "seed": len(checks), "inject": group.get("inject"), **OPTION_DEFAULTS,
+                       **options})
 
     mm = {"hidden": group.get("hidden", 64), "chunk_size": group.get("chunk_size", 8)}
-    for dtype in group.get("dtypes", []):
+    dtypes = group.get("dtypes", [])
+    for dtype in dtypes:
         for vocab in group["vocabs"]:
             for op in ("token_logprobs", "sequence_logprobs"):
                 for upstream in UPSTREAMS:
@@ -51,24 +59,41 @@ def group_checks(group: dict[str, Any]) -> list[dict[str, Any]]:
                 add("values", op, dtype, vocab, inplace=True)
             add("values", "token_logprobs", dtype, vocab, temperature=0.7)
             add("values", "sequence_logprobs", dtype, vocab, temperature=2.5, upstream="entropy")
+            # The transforms: every backward variant through the tanh; a negative scale without a cap.
+            for upstream in UPSTREAMS:
+                add("values", "token_logprobs", dtype, vocab, upstream=upstream, **SOFTCAP)
+            add("values", "sequence_logprobs", dtype, vocab, inplace=True, **SOFTCAP)
+            add("values", "sequence_logprobs", dtype, vocab, temperature=1.3, logit_scale=-1.5)
+            for cap in ({}, SOFTCAP):
+                add("values", "token_logprobs", dtype, vocab, stats=True, **cap)
             add("memory mode", "linear_token_logprobs", dtype, vocab, **mm)
+            add("memory mode", "linear_token_logprobs", dtype, vocab, stats=True, **SOFTCAP, **mm)
             for upstream in UPSTREAMS:
                 add("memory mode", "linear_sequence_logprobs", dtype, vocab, upstream=upstream, **mm)
-            for upstream in ("both", "entropy", "lse"):
-                add("no labels", "token_entropy", dtype, vocab, upstream=upstream)
+            for cap in ({}, SOFTCAP):
+                for upstream in ("both", "entropy", "lse"):
+                    add("no labels", "token_entropy", dtype, vocab, upstream=upstream, **cap)
+                add("no labels", "token_entropy", dtype, vocab, stats=True, **cap)
             add("no labels", "token_entropy", dtype, vocab, inplace=True, temperature=0.7)
             add("no labels", "token_logprobs", dtype, vocab)
             add("-inf logits", "token_logprobs", dtype, vocab)
+            add("-inf logits", "token_logprobs", dtype, vocab, **SOFTCAP)
     if group.get("reduce_seqs"):
-        add("reduce blocks", "sequence_logprobs", "fp32", group["reduce_vocab"], seqs=list(group["reduce_seqs"]),
-            mask_frac=group.get("reduce_mask_frac", 0.25), shape=[group.get("reduce_batch", 2), 0])
-    for dtype in group.get("dtypes", []):
+        for dtype in reduce_dtypes(group):
+            add("reduce blocks", "sequence_logprobs", dtype, group["reduce_vocab"], seqs=list(group["reduce_seqs"]),
+                mask_frac=group.get("reduce_mask_frac", 0.25), shape=[group.get("reduce_batch", 2), 0])
+    for dtype in dtypes:
         for vocab in group["vocabs"]:
             add("out-of-range labels", "token_logprobs", dtype, vocab)
     if group.get("large"):
         dtype, rows, vocab = group["large"]
         add("offsets > 2^31", "token_logprobs", dtype, vocab, rows=rows)
     return checks
+
+
+def reduce_dtypes(group: dict[str, Any]) -> list[str]:
+    """Dtypes of the values the reduction sums in this group: fp32, and fp64 when fp64 logits are checked."""
+    return ["fp32"] + (["fp64"] if "fp64" in group.get("dtypes", []) else [])
 
 
 # ------------------------------------------------------------------------------------------ coverage
@@ -99,32 +124,38 @@ class _Recording:
         def run(*args, **kwargs):
             variant = aot.variant_name(self.name, kwargs)
             block = kwargs.get("BLOCK_V", kwargs.get("BLOCK_T"))
-            dtype = None if variant == "sequence_reduce" else DTYPE_NAMES.get(args[0].dtype)
+            # The reduction is recorded under the dtype of the values it sums (fp32, or fp64).
+            dtype = DTYPE_NAMES.get(args[1 if variant == "sequence_reduce" else 0].dtype)
             self.launches.add((variant, dtype, block, kwargs.get("num_warps")))
             return launch(*args, **kwargs)
 
         return run
 
 
-def expected_variants(dtype: str | None, vocabs: list[int]) -> set[tuple]:
+def expected_variants(dtype: str | None, vocabs: list[int], reduce: list[str] | None = None) -> set[tuple]:
     """(variant, dtype, block, warps) of every kernel the ahead-of-time report enumerates for logits of
-    ``dtype`` with these V (``dtype=None``: the per-sequence reduction, which depends on T only): the
-    one list of the variants the public ops can launch."""
+    ``dtype`` with these V (``dtype=None``: the per-sequence reduction of the ``reduce`` value dtypes,
+    which depends on T only): the one list of the variants the public ops can launch."""
     from mallowspo_fast.ops import aot
 
     if dtype is None:
-        return {(name, None, block, warps) for name, _fn, _sig, _c, warps, block in aot._reduce_variants()}
+        return {(name, d, block, warps) for d in reduce or ["fp32"]
+                for name, _fn, _sig, _c, warps, block in aot._reduce_variants(d)}
     return {(name, dtype, block, warps) for vocab in vocabs
             for name, _fn, _sig, _c, warps, block in aot._variants(DTYPES[dtype], vocab)}
 
 
-def coverage_row(dtype: str | None, vocabs: list[int], launches: set[tuple]) -> dict[str, Any]:
-    expected = expected_variants(dtype, vocabs)
-    seen = {launch for launch in launches if launch[1] == dtype}
+def coverage_row(dtype: str | None, vocabs: list[int], launches: set[tuple],
+                 reduce: list[str] | None = None) -> dict[str, Any]:
+    expected = expected_variants(dtype, vocabs, reduce)
+    is_reduce = dtype is None
+    seen = {launch for launch in launches
+            if (launch[0] == "sequence_reduce") == is_reduce and (is_reduce or launch[1] == dtype)}
     missing, unknown = sorted(expected - seen, key=str), sorted(seen - expected, key=str)
     notes = []
     if missing:
-        notes.append("never launched: " + ", ".join(f"{v}/BLOCK={b}/warps={w}" for v, _, b, w in missing))
+        notes.append("never launched: " + ", ".join(f"{v}/{d}/BLOCK={b}/warps={w}" if is_reduce
+                                                   else f"{v}/BLOCK={b}/warps={w}" for v, d, b, w in missing))
     if unknown:
         notes.append("not in the AOT enumeration: " + ", ".join(f"{v}/BLOCK={b}/warps={w}" for v, _, b, w in unknown))
     ok = not missing and not unknown
@@ -173,7 +204,7 @@ def run_group(group: dict[str, Any]) -> int:
     targets = [(d, group["vocabs"]) for d in group["dtypes"]] + ([(None, [])] if group.get("reduce_seqs") else [])
     for dtype, vocabs in targets:
         if ran_all:
-            emit(coverage_row(dtype, vocabs, log.launches))
+            emit(coverage_row(dtype, vocabs, log.launches, reduce_dtypes(group)))
         else:
             emit({"check": f"coverage/{dtype or 'sequence_reduce'}", "kind": "coverage", "op": "all",
                   "dtype": dtype or "sequence_reduce", "vocab": "all", "status": "skipped",

@@ -1,8 +1,8 @@
 """The results folder of a GPU check: ``results.md``, one CSV per part and one PNG per sweep.
 
 ``<out>/<device-slug>_<YYYY-MM-DD>/`` holds ``results.md`` (device, driver / CUDA / torch / Triton
-versions, the correctness table, the sweep tables with % of the datasheet HBM peak, the KERNELS.md §3
-targets, time spent and every skipped case with its reason), ``correctness.csv``, ``op.csv`` /
+versions, the correctness table, the sweep tables with % of the datasheet HBM peak, the targets of
+docs/kernels.md §Targets, time spent and every skipped case with its reason), ``correctness.csv``, ``op.csv`` /
 ``linear.csv`` and ``op.png`` / ``linear.png`` (the suite's own tables, CSVs and plots).
 """
 
@@ -104,7 +104,7 @@ def write_correctness_csv(rows: list[dict[str, Any]], path: str) -> None:
 
 
 def targets_table(op_results: list[Result], device_name: str) -> str:
-    """Our kernel's forward and backward against the KERNELS.md §3 targets (80 % / 75 % of the
+    """Our kernel's forward and backward against the targets of docs/kernels.md §Targets (80 % / 75 % of the
     datasheet peak), measured: the figures the README's projection promises."""
     peak = peak_bandwidth_gbs(device_name)
     lines = ["| pass | N | V | dtype | median ms | floor ms (bytes / peak) | % of peak | target | met |",
@@ -165,7 +165,7 @@ def write_results(out_dir: str, facts: dict[str, str], command: str, correctness
         if report.plot(table, os.path.join(out_dir, f"{subject}.png"), f"{subject} on {name}"):
             parts += [f"![{subject}]({subject}.png)", ""]
         if subject == "op":
-            parts += ["### KERNELS.md §3 targets (measured)", "", targets_table(results, name), ""]
+            parts += ["### Targets of docs/kernels.md (measured)", "", targets_table(results, name), ""]
     if skipped:
         parts += ["## Skipped", "", "| part | case | reason |", "|---|---|---|"]
         parts += [f"| {s.case.part} | {s.case.name} | {s.reason} |" for s in skipped]

@@ -140,8 +140,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="compare every provider at every shape (about twice the default plan: raise --budget-s)")
     p.add_argument("--parts", nargs="+", choices=("correctness", "op", "linear"),
                    default=["correctness", "op", "linear"], help="what to run (default: everything)")
-    p.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="correctness: only these logits dtypes (default: all three; the large-offset check is "
+    p.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16", "fp16", "fp64"), default=None,
+                   help="correctness: only these logits dtypes (default: all four; the large-offset check is "
                         "bf16)")
     p.add_argument("--inject-error", metavar="CHECK", default=None,
                    help="self-test: shift the results of the checks whose name contains CHECK by 10x their "

@@ -58,7 +58,11 @@ def test_dry_run_runs_the_whole_plan_and_writes_the_results_folder(tmp_path):
     assert {r["kind"] for r in rows} == {"values", "memory mode", "no labels", "-inf logits", "out-of-range labels",
                                          "reduce blocks", "offsets > 2^31", "coverage"}
     assert {r["check"] for r in rows if r["kind"] == "coverage"} == {
-        "coverage/fp32", "coverage/bf16", "coverage/fp16", "coverage/sequence_reduce"}
+        "coverage/fp32", "coverage/bf16", "coverage/fp16", "coverage/fp64", "coverage/sequence_reduce"}
+    # The new flags and dtypes are among the checks: soft cap, statistics, float64.
+    options = {r["options"] for r in rows}
+    assert {"temperature=0.7 softcap=30.0 logit_scale=2.0 upstream=logp", "stats=True"} <= options
+    assert {r["dtype"] for r in rows if r["kind"] == "reduce blocks"} == {"fp32", "fp64"}
     assert f"## Correctness against float64: passed: {len(rows)} checks" in text
     # The sweeps: every provider is a row (run, or the reason it cannot run here), our passes at each shape.
     with open(os.path.join(folder, "op.csv")) as f:
@@ -69,7 +73,7 @@ def test_dry_run_runs_the_whole_plan_and_writes_the_results_folder(tmp_path):
     assert all(r["status"] == "ok" for r in op_rows if r["provider"] in ("ours", "reference", "compiled"))
     with open(os.path.join(folder, "linear.csv")) as f:
         assert {r["provider"] for r in csv.DictReader(f)} == set(linear.PROVIDERS)
-    assert "### KERNELS.md §3 targets (measured)" in text and "| fwd | 64 | 256 | fp32 |" in text
+    assert "### Targets of docs/kernels.md (measured)" in text and "| fwd | 64 | 256 | fp32 |" in text
 
 
 def test_an_exceeded_tolerance_fails_loudly(tmp_path):
@@ -184,10 +188,19 @@ def test_tolerances_are_those_of_the_op_tests(monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "tests", "ops"))
     import ops_helpers
     import test_linear_values
+    import test_triton_backend
 
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    assert {names[k]: v for k, v in ops_helpers.VALUE_ATOL.items()} == checks.VALUE_ATOL
-    assert {names[k]: v for k, v in ops_helpers.GRAD_ATOL.items()} == checks.GRAD_ATOL
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+    # fp32 / bf16 / fp16: the op tests'; fp64 (and the relative tolerances): the backend tests'.
+    assert {names[k]: v for k, v in ops_helpers.VALUE_ATOL.items()} == {k: checks.VALUE_ATOL[k] for k in
+                                                                       ("fp32", "bf16", "fp16")}
+    assert {names[k]: v for k, v in ops_helpers.GRAD_ATOL.items()} == {k: checks.GRAD_ATOL[k] for k in
+                                                                      ("fp32", "bf16", "fp16")}
+    for ours, theirs in ((checks.VALUE_ATOL, test_triton_backend.VALUE_ATOL),
+                         (checks.VALUE_RTOL, test_triton_backend.VALUE_RTOL),
+                         (checks.GRAD_ATOL, test_triton_backend.GRAD_ATOL),
+                         (checks.GRAD_RTOL, test_triton_backend.GRAD_RTOL)):
+        assert {names[k]: v for k, v in theirs.items()} == ours
     for dtype, rel in test_linear_values.GRAD_REL.items():
         assert checks.LINEAR_GRAD_REL[names[dtype]] == rel
 
@@ -209,8 +222,8 @@ def test_a_wrong_reference_makes_a_check_fail(monkeypatch):
     assert checks.check_logits_op(spec, "cpu")["status"] == "pass"
     real = checks.reference
 
-    def shifted(logits, labels, sequence, temperature=1.0):
-        x, (logps, entropy) = real(logits, labels, sequence, temperature)
+    def shifted(logits, labels, sequence, transform=None):
+        x, (logps, entropy) = real(logits, labels, sequence, transform)
         return x, (logps, entropy + 1e-3)
 
     monkeypatch.setattr(checks, "reference", shifted)
