@@ -1,19 +1,19 @@
-"""The fused op and MallowsPO inside TRL's ``DPOTrainer`` (tested with TRL 1.16.0, the ``[trl]`` extra).
+"""MallowsPO and the fused op inside TRL's ``DPOTrainer`` (tested with TRL 1.16.0, the ``[trl]`` extra).
 
-TRL 1.16 computes the per-token log-probs of its concatenated [chosen; rejected] forward through a "fused LM
-head": ``model(..., labels=labels, fused_lm_head=True)`` runs the backbone and returns per-token outputs
-(``log_probs``, ``entropy``, ``mean_logits``, ``is_top1``) instead of logits. That forward is the one thing
-replaced here: :func:`install_fused_head` puts our memory-mode op (:func:`mallowspo_fast.linear_token_logprobs`,
-logits chunk by chunk, log-softmax, gather and entropy in one pass, never a ``[B, T, V]`` tensor) behind the
-same call, on the policy and on the reference model. Everything else (data, collation, the reference pass,
-TRL's own losses and metrics) stays TRL's.
+The LM head: :func:`~mallowspo_fast.integrations.trl_head.patch_trainer` replaces TRL's fused head by ours on the
+policy and the reference (same outputs, every configuration TRL's head serves: ZeRO-2/3, FSDP2, soft-capped and
+scaled logits, ``use_weighting``'s log Σp², MoE router losses, autocast, LoRA with a frozen head), plus packed
+(padding-free) batches, which TRL 1.16 turns off for DPO: with ``padding_free=True`` in the config, our head
+packs the padded rows before the backbone and TRL's code runs unchanged.
 
-On top, the loss types ``mallows_theta``, ``mallows_phi`` and ``mallows_ipo`` (alone or in a list with TRL's
-own, with ``loss_weights``): TRL's ``_compute_loss`` runs with the TRL part of the list (so every TRL metric is
-logged by TRL itself), and the MallowsPO part is added from the same forwards with
-:func:`mallowspo_fast.preference_loss`, the dispersion coming from the reference's token entropies
-(``phi_star`` fixed, or ``"auto"``: estimated once over the training set before training). The dispersion
-metrics ``dispersion/*`` are logged next to TRL's keys.
+The losses: ``mallows_theta``, ``mallows_phi`` and ``mallows_ipo`` (alone or in a list with TRL's own, with
+``loss_weights``). TRL's ``_compute_loss`` runs with the TRL part of the list (so every TRL metric is logged by
+TRL itself), and the MallowsPO part is added from the same forwards with :func:`mallowspo_fast.preference_loss`,
+the dispersion coming from the reference's mean token entropies (``phi_star`` fixed, or ``"auto"``: estimated
+once over the training set before training). With ``precompute_ref_log_probs=True`` the one reference pass
+before training stores the reference's log-probs *and* mean entropies (columns ``ref_chosen_entropy``,
+``ref_rejected_entropy`` beside TRL's), so no reference model is needed during training. ``dispersion/*`` metrics
+are logged next to TRL's keys.
 
 Use :class:`MallowsDPOTrainer` with :class:`MallowsDPOConfig`, or :func:`patch_dpo_trainer` on an existing
 ``DPOTrainer`` (or subclass) instance.
@@ -22,29 +22,24 @@ Use :class:`MallowsDPOTrainer` with :class:`MallowsDPOConfig`, or :func:`patch_d
 from __future__ import annotations
 
 import contextlib
-import functools
 import types
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import trl
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput
 
-from .. import losses as L
-from ..ops import linear_token_logprobs
+from .. import losses
+from ..ops.lm_head import param_shape
+from .trl_head import TESTED_TRL_VERSION, Recorder, patch_trainer
 
-__all__ = ["MALLOWS_LOSS_TYPES", "TESTED_TRL_VERSION", "MallowsDPOConfig", "MallowsDPOTrainer", "install_fused_head",
-           "patch_dpo_trainer"]
+__all__ = ["MALLOWS_LOSS_TYPES", "TESTED_TRL_VERSION", "MallowsDPOConfig", "MallowsDPOTrainer", "patch_dpo_trainer",
+           "estimate_phi_star"]
 
-TESTED_TRL_VERSION = "1.16.0"
 MALLOWS_LOSS_TYPES = ("mallows_theta", "mallows_phi", "mallows_ipo")
-IGNORE_INDEX = -100
-# Config attributes of heads that transform the logits after the matmul: our op is a plain linear head.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")
-_TOP1_CHUNK_BYTES = 48 * 1024 * 1024
+ENTROPY_COLUMNS = ("ref_chosen_entropy", "ref_rejected_entropy")
+_LOGP_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass
@@ -52,11 +47,12 @@ class MallowsDPOConfig(DPOConfig):
     """TRL's ``DPOConfig`` plus the MallowsPO dispersion and the op's settings.
 
     ``loss_type`` additionally accepts ``mallows_theta``, ``mallows_phi`` and ``mallows_ipo`` (alone or in a
-    list with TRL's own types and ``loss_weights``).
+    list with TRL's own types and ``loss_weights``); ``padding_free=True`` packs the batches (TRL itself turns it
+    off for DPO).
     """
 
     phi_star: Any = field(
-        default=L.DEFAULT_PHI_STAR,
+        default=losses.DEFAULT_PHI_STAR,
         metadata={"help": "MallowsPO phi* (official name neg_log_dispersion_mean): a positive float, or 'auto' "
                           "(1 / mean of -ln e(x) over the training set, estimated with the reference before "
                           "training)."},
@@ -70,178 +66,27 @@ class MallowsDPOConfig(DPOConfig):
 
 @dataclass
 class _Settings:
-    phi_star: Any = L.DEFAULT_PHI_STAR
+    phi_star: Any = losses.DEFAULT_PHI_STAR
     backend: str | None = None
     chunk_size: int | None = None
+    padding_free: bool = False
 
 
-class _Recorder:
-    """Collects the fused-head outputs of the forwards made while active (policy first, then reference)."""
-
-    def __init__(self) -> None:
-        self.active = False
-        self.outputs: list[FusedCausalLMOutput] = []
-
-    @contextlib.contextmanager
-    def record(self):
-        self.active, self.outputs = True, []
-        try:
-            yield self.outputs
-        finally:
-            self.active = False
+def _uses_mallows(trainer: DPOTrainer) -> bool:
+    return any(t in MALLOWS_LOSS_TYPES for t in trainer.loss_types)
 
 
-def _check_plain_head(model: torch.nn.Module) -> None:
-    config = model.config.get_text_config()
-    for attr in _LOGIT_TRANSFORMS:
-        value = getattr(config, attr, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(
-                f"install_fused_head: expected a plain linear output layer, but {type(model).__name__}'s config "
-                f"sets {attr}={value!r}; keep TRL's own fused head for this model"
-            )
-
-
-@torch.no_grad()
-def _is_top1(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-             mask: torch.Tensor) -> torch.Tensor:
-    """Whether each label is the most likely token (ties count as top-1), chunk by chunk of unmasked rows."""
-    out = torch.zeros(mask.numel(), dtype=torch.bool, device=hidden.device)
-    rows = mask.reshape(-1).nonzero().squeeze(1)
-    flat_labels = labels.reshape(-1)
-    step = max(1, _TOP1_CHUNK_BYTES // (4 * weight.shape[0]))
-    seq = hidden.shape[1]
-    for start in range(0, rows.numel(), step):
-        idx = rows[start:start + step]
-        logits = torch.nn.functional.linear(hidden[idx // seq, idx % seq], weight, bias)
-        picked = logits.gather(1, flat_labels[idx].unsqueeze(1)).squeeze(1)
-        out[idx] = picked >= logits.max(dim=1).values
-    return out.view(mask.shape)
-
-
-def install_fused_head(model: torch.nn.Module, *, outputs: tuple[str, ...] = ("log_probs", "entropy"),
-                       backend: str | None = None, chunk_size: int | None = None,
-                       recorder: _Recorder | None = None) -> None:
-    """Make ``model(..., labels=labels, fused_lm_head=True)`` compute TRL's per-token outputs with the fused op.
-
-    Same call and output (``trl.trainer.utils.FusedCausalLMOutput``) as TRL's ``add_fused_lm_head``, which it
-    replaces: ``labels`` [B, T] unshifted (``shift_labels`` pre-shifted, as under context parallelism),
-    -100 on ignored positions, any batch layout (padded rows, or padding-free rows packed with
-    ``position_ids``). ``log_probs`` and ``entropy`` (fp32, differentiable, 0 where ignored) always come from
-    one pass of the op; ``mean_logits`` (h·mean(W) + mean(b), no logits needed) and ``is_top1`` (one extra
-    no-grad chunked matmul) only when listed in ``outputs``. Without ``fused_lm_head`` the model's own forward
-    runs (generation is unchanged).
-
-    Raises:
-        ValueError: the output layer transforms the logits (softcapping, logit scales), or a fused call asks
-            for MoE router logits (not supported here).
-    """
-    allowed = {"log_probs", "entropy", "mean_logits", "is_top1"}
-    if not set(outputs) <= allowed:
-        raise ValueError(f"install_fused_head: outputs must be among {sorted(allowed)}, found {list(outputs)}")
-    _check_plain_head(model)
-    cls_forward = type(model).forward
-
-    @functools.wraps(cls_forward)
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
-        if not fused_lm_head:
-            extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
-            kwargs.update({k: v for k, v in extra.items() if v is not None})
-            return cls_forward(self, *args, **kwargs)
-        if kwargs.get("output_router_logits") or getattr(self.config.get_text_config(), "output_router_logits", False):
-            raise ValueError("install_fused_head: MoE router logits (output_router_logits) are not supported by the "
-                             "fused op's head; keep TRL's own head for MoE models")
-        kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
-        if shift_labels is None:
-            hidden, labels = hidden[:, :-1], labels[:, 1:]
-        else:
-            labels = shift_labels
-        head = self.get_output_embeddings()
-        weight, bias = head.weight, getattr(head, "bias", None)
-        if type(weight).__name__ == "DTensor":
-            raise ValueError("install_fused_head: the output weight is a sharded DTensor (FSDP2); the fused op "
-                             "needs the full [V, H] weight, keep TRL's own head under FSDP2")
-        hidden = hidden.to(device=weight.device, dtype=weight.dtype)
-        labels = labels.to(weight.device)
-        mask = labels != IGNORE_INDEX
-        tok = linear_token_logprobs(hidden, weight, labels, bias=bias, backend=backend, chunk_size=chunk_size)
-        mean_logits = is_top1 = None
-        if "mean_logits" in outputs:
-            with torch.no_grad():
-                row = hidden.float() @ weight.mean(0, dtype=torch.float32)
-                if bias is not None:
-                    row = row + bias.float().mean()
-                mean_logits = row.masked_fill(~mask, 0.0)
-        if "is_top1" in outputs:
-            is_top1 = _is_top1(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels, mask)
-        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        out = FusedCausalLMOutput(loss=-tok.logps.sum() / denom, log_probs=tok.logps, entropy=tok.entropy,
-                                  mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
-        if recorder is not None and recorder.active:
-            recorder.outputs.append(out)
-        return out
-
-    model.forward = types.MethodType(forward, model)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Trainer wiring
-
-
-def _unwrap(trainer: DPOTrainer, model: torch.nn.Module) -> torch.nn.Module:
-    from accelerate.utils import is_peft_model
-
-    model = trainer.accelerator.unwrap_model(model)
-    return model.get_base_model() if is_peft_model(model) else model
-
-
-def _check_trainer(trainer: DPOTrainer, settings: _Settings) -> None:
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    if not isinstance(trainer, DPOTrainer):
-        raise TypeError(f"patch_dpo_trainer: expected a trl.DPOTrainer instance, found {type(trainer).__name__}")
-    if trl.__version__ != TESTED_TRL_VERSION:
-        import warnings
-
-        warnings.warn(f"mallowspo_fast.integrations.trl is tested with TRL {TESTED_TRL_VERSION}, found "
-                      f"{trl.__version__}", stacklevel=3)
-    if is_deepspeed_zero3_enabled():
-        raise ValueError("patch_dpo_trainer: DeepSpeed ZeRO-3 is not supported by the fused head (its backward "
-                         "re-reads the output weight outside the head's module); use ZeRO-1/2 or TRL's own head")
-    if trainer.args.use_weighting:
-        raise ValueError("patch_dpo_trainer: use_weighting=True needs log(sum p^2) per token, which the fused op "
-                         "does not compute; set use_weighting=False")
-    ours = [t for t in trainer.loss_types if t in MALLOWS_LOSS_TYPES]
-    if not ours:
-        return
-    if trainer.precompute_ref_logps:
-        raise ValueError(f"patch_dpo_trainer: loss types {ours} need the reference's token entropies, which "
-                         "precompute_ref_log_probs=True does not keep; set precompute_ref_log_probs=False")
-    if trainer.ld_alpha is not None:
-        raise ValueError(f"patch_dpo_trainer: loss types {ours} use summed log-probs; ld_alpha={trainer.ld_alpha} "
-                         "is not supported with them (set ld_alpha=None)")
-    if trainer.aux_loss_enabled:
-        raise ValueError("patch_dpo_trainer: MoE auxiliary losses are not supported with the fused head")
+def _check(trainer: DPOTrainer, settings: _Settings) -> None:
     phi = settings.phi_star
-    if phi != "auto" and not (isinstance(phi, (int, float)) and not isinstance(phi, bool) and phi > 0):
+    if not (phi == "auto" or (isinstance(phi, (int, float)) and not isinstance(phi, bool) and phi > 0)):
         raise ValueError(f"patch_dpo_trainer: phi_star must be a positive number or 'auto', found {phi!r}")
+    if _uses_mallows(trainer) and trainer.ld_alpha is not None:
+        raise ValueError("patch_dpo_trainer: ld_alpha (LD-DPO's length-desensitised log-probs) is not defined for "
+                         "the MallowsPO losses; use it with TRL's loss types only")
 
 
-def _setup(trainer: DPOTrainer, settings: _Settings) -> None:
-    _check_trainer(trainer, settings)
-    recorder = _Recorder()
-    policy = _unwrap(trainer, trainer.model)
-    install_fused_head(policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1"), backend=settings.backend,
-                       chunk_size=settings.chunk_size, recorder=recorder)
-    if trainer.ref_model is not None:
-        install_fused_head(_unwrap(trainer, trainer.ref_model), backend=settings.backend,
-                           chunk_size=settings.chunk_size, recorder=recorder)
-    trainer._mpf_recorder = recorder
-    trainer._mpf_vocab_size = int(policy.get_output_embeddings().weight.shape[0])
-    trainer._mpf_phi_star = settings.phi_star
-    if settings.phi_star == "auto" and any(t in MALLOWS_LOSS_TYPES for t in trainer.loss_types):
-        trainer._mpf_phi_star = estimate_phi_star(trainer)
+# ---------------------------------------------------------------------------------------------------------------
+# The reference pass: TRL's own compute_ref_log_probs, with the head's entropies recorded from the same forward
 
 
 def _response_entropy(out: FusedCausalLMOutput, mask: torch.Tensor) -> torch.Tensor:
@@ -250,43 +95,104 @@ def _response_entropy(out: FusedCausalLMOutput, mask: torch.Tensor) -> torch.Ten
     return (ent * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def _reference_forward(trainer: DPOTrainer, inputs: dict[str, torch.Tensor]) -> FusedCausalLMOutput:
-    """One no-grad reference forward through the fused head (TRL's way of choosing the reference)."""
-    from accelerate.utils import is_peft_model
-    from trl.trainer.utils import use_adapter
+def _reference_caller(trainer: DPOTrainer):
+    """The module TRL's precompute calls for the reference (an inference engine of the policy under ZeRO-3
+    when there is no separate reference model)."""
+    if trainer.ref_model is None and trainer.is_deepspeed_enabled and not hasattr(trainer.model, "optimizer"):
+        from trl.models import prepare_deepspeed
 
-    keys = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
-    kwargs = {k: v for k, v in inputs.items() if k not in keys}
-    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
-    with torch.no_grad():
-        if trainer.ref_model is None and is_peft_model(trainer.model):
-            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-            with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                return trainer.model(**kwargs, labels=labels, fused_lm_head=True)
-        return (trainer.ref_model or trainer.model)(**kwargs, labels=labels, fused_lm_head=True)
+        if getattr(trainer, "_precompute_engine", None) is None:
+            trainer._precompute_engine = prepare_deepspeed(trainer.model, trainer.accelerator)
+        return trainer._precompute_engine
+    return trainer.ref_model or trainer.model
+
+
+def _reference_stats(trainer: DPOTrainer, batch: dict[str, torch.Tensor], caller=None):
+    """(logps [2B], mean entropies [2B]) of the reference on a prepared batch: one forward, TRL's own."""
+    inputs = {k: v for k, v in batch.items() if k not in ENTROPY_COLUMNS}
+    with trainer._mpf_recorder.record() as recorded:
+        chosen, rejected = trainer.compute_ref_log_probs(caller or _reference_caller(trainer), inputs)
+    if len(recorded) != 1:
+        raise RuntimeError(f"expected one reference forward through the fused head, saw {len(recorded)}")
+    return torch.cat([chosen, rejected]), _response_entropy(recorded[0], batch["completion_mask"][..., 1:])
+
+
+def _reference_pass(trainer: DPOTrainer, dataset, batch_size: int) -> dict[str, torch.Tensor]:
+    """Reference log-probs and mean entropies of every pair of ``dataset`` (all ranks; gathered)."""
+    from torch.utils.data import DataLoader
+
+    loader = trainer.accelerator.prepare(DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                                    collate_fn=trainer.data_collator))
+    caller = _reference_caller(trainer)
+    cols: dict[str, list[torch.Tensor]] = {k: [] for k in _LOGP_COLUMNS + ENTROPY_COLUMNS}
+    for batch in loader:
+        logps, ent = _reference_stats(trainer, batch, caller)
+        logps, ent = trainer.accelerator.gather_for_metrics((logps.chunk(2), ent.chunk(2)))
+        for key, value in zip(_LOGP_COLUMNS + ENTROPY_COLUMNS, (*logps, *ent)):
+            cols[key].append(value.cpu())
+    return {k: torch.cat(v) for k, v in cols.items()}
+
+
+def _add_reference_columns(trainer: DPOTrainer, dataset, batch_size: int):
+    """``dataset`` with the reference columns added (TRL's log-prob columns only when missing)."""
+    values = _reference_pass(trainer, dataset, batch_size)
+    for key in _LOGP_COLUMNS + ENTROPY_COLUMNS:
+        if key not in dataset.column_names:
+            dataset = dataset.add_column(key, values[key].tolist())
+    return dataset
+
+
+class _CollateEntropies:
+    """TRL's preference collator, plus the precomputed reference entropies as [B] tensors."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, examples):
+        out = self.inner(examples)
+        for key in ENTROPY_COLUMNS:
+            if key in examples[0]:
+                out[key] = torch.tensor([float(e[key]) for e in examples])
+        return out
+
+
+def _precompute_entropies(trainer: DPOTrainer) -> None:
+    """Give the precomputed datasets the reference entropies (one reference pass, before training)."""
+    args = trainer.args
+    if trainer.train_dataset is not None and ENTROPY_COLUMNS[0] not in trainer.train_dataset.column_names:
+        trainer.train_dataset = _add_reference_columns(
+            trainer, trainer.train_dataset, args.precompute_ref_batch_size or args.per_device_train_batch_size)
+    evals = trainer.eval_dataset
+    size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
+    if isinstance(evals, dict):
+        trainer.eval_dataset = {
+            k: v if ENTROPY_COLUMNS[0] in v.column_names else _add_reference_columns(trainer, v, size)
+            for k, v in evals.items()}
+    elif evals is not None and ENTROPY_COLUMNS[0] not in evals.column_names:
+        trainer.eval_dataset = _add_reference_columns(trainer, evals, size)
 
 
 def estimate_phi_star(trainer: DPOTrainer) -> float:
     """phi* = "auto": 1 / mean over the training pairs of -ln e(x), e(x) from the reference's token entropies
-    (:func:`mallowspo_fast.auto_phi_star`), one no-grad reference pass over the training set (all ranks)."""
+    (:func:`mallowspo_fast.auto_phi_star`): read from the precomputed columns, or one no-grad reference pass over
+    the training set (all ranks)."""
     entropies, empties = [], []
-    was_training = trainer.model.training
-    trainer.model.eval()
-    try:
-        for batch in trainer.get_train_dataloader():
-            batch = trainer._prepare_inputs(batch)
-            out = _reference_forward(trainer, batch)
-            mask = batch["completion_mask"][..., 1:]
-            ent_w, ent_l = _response_entropy(out, mask).chunk(2)
-            n_w, n_l = mask.sum(1).chunk(2)
-            e = L.pair_entropy(ent_w, ent_l, trainer._mpf_vocab_size)
-            empty = L.empty_response_pairs(n_w, n_l)
-            e, empty = trainer.accelerator.gather_for_metrics((e, empty))
-            entropies.append(e.cpu())
-            empties.append(empty.cpu())
-    finally:
-        trainer.model.train(was_training)
-    return L.auto_phi_star(torch.cat(entropies), empty_pairs=torch.cat(empties))
+    for batch in trainer.get_train_dataloader():
+        batch = trainer._prepare_inputs(batch)
+        if ENTROPY_COLUMNS[0] in batch:
+            ew, el = batch[ENTROPY_COLUMNS[0]], batch[ENTROPY_COLUMNS[1]]
+        else:
+            ew, el = _reference_stats(trainer, batch)[1].chunk(2)
+        n_w, n_l = batch["completion_mask"][..., 1:].sum(1).chunk(2)
+        e = losses.pair_entropy(ew.float(), el.float(), trainer._mpf_vocab_size)
+        e, empty = trainer.accelerator.gather_for_metrics((e, losses.empty_response_pairs(n_w, n_l)))
+        entropies.append(e.cpu())
+        empties.append(empty.cpu())
+    return losses.auto_phi_star(torch.cat(entropies), empty_pairs=torch.cat(empties))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss
 
 
 @contextlib.contextmanager
@@ -301,6 +207,7 @@ def _loss_types(trainer: DPOTrainer, types_: list[str], weights: list[float]):
 
 def _compute_loss(trainer: DPOTrainer, inner, model, inputs, return_outputs):
     """TRL's ``_compute_loss`` (``inner``) for TRL's loss types, plus the MallowsPO terms of the same forwards."""
+    pre_ent = {k: inputs.pop(k) for k in ENTROPY_COLUMNS if k in inputs}  # not model inputs
     pairs = list(zip(trainer.loss_types, trainer.loss_weights, strict=True))
     ours = [(t, w) for t, w in pairs if t in MALLOWS_LOSS_TYPES]
     if not ours:
@@ -308,25 +215,30 @@ def _compute_loss(trainer: DPOTrainer, inner, model, inputs, return_outputs):
     theirs = [(t, w) for t, w in pairs if t not in MALLOWS_LOSS_TYPES] or [("sigmoid", 0.0)]
     with trainer._mpf_recorder.record() as recorded, _loss_types(trainer, *map(list, zip(*theirs, strict=True))):
         result = inner(model, inputs, return_outputs)
-    if len(recorded) != 2:
-        raise RuntimeError(f"patch_dpo_trainer: expected a policy and a reference forward through the fused head, "
-                           f"saw {len(recorded)} (was the head replaced after patching?)")
-    policy, ref = recorded
+    expected = 1 if trainer.precompute_ref_logps else 2
+    if len(recorded) != expected:
+        raise RuntimeError(f"patch_dpo_trainer: expected {expected} forward(s) through the fused head (policy"
+                           f"{'' if expected == 1 else ', reference'}), saw {len(recorded)} (was the head replaced "
+                           "after patching?)")
     loss, outputs = result if return_outputs else (result, None)
     mask = inputs["completion_mask"][..., 1:]
     seq_len = mask.size(1)
-    pw, pl = policy.log_probs[:, -seq_len:].sum(1).chunk(2)
-    rw, rl = ref.log_probs[:, -seq_len:].sum(1).detach().chunk(2)
+    pw, pl = recorded[0].log_probs[:, -seq_len:].sum(1).chunk(2)
+    if trainer.precompute_ref_logps:
+        rw, rl = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        ew, el = (pre_ent[k].to(pw.device) for k in ENTROPY_COLUMNS)
+    else:
+        rw, rl = recorded[1].log_probs[:, -seq_len:].sum(1).detach().chunk(2)
+        ew, el = _response_entropy(recorded[1], mask).chunk(2)
     nw, nl = mask.sum(1).chunk(2)
-    ew, el = _response_entropy(ref, mask).chunk(2)
-    c = L.neg_log_dispersion(ew, el, trainer._mpf_vocab_size, phi_star=float(trainer._mpf_phi_star),
-                             chosen_num_tokens=nw, rejected_num_tokens=nl)
-    out = L.preference_loss(pw, pl, rw, rl, loss_type=[t for t, _ in ours], loss_weights=[w for _, w in ours],
-                            beta=trainer.beta, label_smoothing=trainer.label_smoothing, neg_log_dispersion=c,
-                            chosen_num_tokens=nw, rejected_num_tokens=nl)
+    vocab = trainer._mpf_vocab_size
+    c = losses.neg_log_dispersion(ew, el, vocab, phi_star=float(trainer._mpf_phi_star), chosen_num_tokens=nw,
+                                  rejected_num_tokens=nl)
+    out = losses.preference_loss(pw, pl, rw, rl, loss_type=[t for t, _ in ours], loss_weights=[w for _, w in ours],
+                                 beta=trainer.beta, label_smoothing=trainer.label_smoothing, neg_log_dispersion=c,
+                                 chosen_num_tokens=nw, rejected_num_tokens=nl)
+    _log_dispersion(trainer, out, pw, pl, c, losses.pair_entropy(ew, el, vocab), losses.empty_response_pairs(nw, nl))
     loss = loss + out.loss
-    _log_dispersion(trainer, out, pw, pl, c, L.pair_entropy(ew, el, trainer._mpf_vocab_size),
-                    L.empty_response_pairs(nw, nl))
     return (loss, outputs) if return_outputs else loss
 
 
@@ -334,11 +246,54 @@ def _log_dispersion(trainer, out, pw, pl, c, entropy, empty) -> None:
     mode = "train" if trainer.model.training else "eval"
     gathered = trainer.accelerator.gather_for_metrics(
         (out.chosen_rewards, out.rejected_rewards, pw.detach(), pl.detach(), c, entropy, empty))
-    metrics = L.preference_metrics(*gathered[:4], neg_log_dispersion=gathered[4], pair_entropy=gathered[5],
-                                   empty_pairs=gathered[6])
+    metrics = losses.preference_metrics(*gathered[:4], neg_log_dispersion=gathered[4], pair_entropy=gathered[5],
+                                        empty_pairs=gathered[6])
     for key, value in metrics.items():
         if key.startswith("dispersion/"):
             trainer._metrics[mode][key].append(float(value))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wiring
+
+
+def _install_head(trainer: DPOTrainer, settings: _Settings) -> None:
+    """Our head on the trainer's models, with the recorder the MallowsPO losses read (idempotent)."""
+    if getattr(trainer, "_mpf_recorder", None) is None:
+        trainer._mpf_recorder = Recorder()
+        patch_trainer(trainer, backend=settings.backend, chunk_size=settings.chunk_size,
+                      padding_free=settings.padding_free, recorder=trainer._mpf_recorder,
+                      extra_outputs=("entropy",) if _uses_mallows(trainer) else ())
+
+
+def _setup(trainer: DPOTrainer, settings: _Settings) -> None:
+    _check(trainer, settings)
+    _install_head(trainer, settings)
+    trainer._mpf_ready = True
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    policy = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    trainer._mpf_vocab_size = int(param_shape(policy.get_output_embeddings().weight)[0])
+    trainer._mpf_phi_star = settings.phi_star
+    if not _uses_mallows(trainer):
+        return
+    if trainer.precompute_ref_logps:
+        _precompute_entropies(trainer)
+        trainer._set_signature_columns_if_needed()
+        trainer._signature_columns = list(dict.fromkeys([*trainer._signature_columns, *ENTROPY_COLUMNS]))
+        if not isinstance(trainer.data_collator, _CollateEntropies):
+            trainer.data_collator = _CollateEntropies(trainer.data_collator)
+    if settings.phi_star == "auto":
+        trainer._mpf_phi_star = estimate_phi_star(trainer)
+
+
+def _settings_from(args: Any, **overrides: Any) -> _Settings:
+    s = _Settings(phi_star=getattr(args, "phi_star", losses.DEFAULT_PHI_STAR),
+                  backend=getattr(args, "logprob_backend", None), chunk_size=getattr(args, "logprob_chunk_size", None),
+                  padding_free=bool(getattr(args, "padding_free", False)))
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(s, key, value)
+    return s
 
 
 class MallowsDPOTrainer(DPOTrainer):
@@ -355,32 +310,38 @@ class MallowsDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         return _compute_loss(self, super()._compute_loss, model, inputs, return_outputs)
 
-
-def _settings_from(args: Any, **overrides: Any) -> _Settings:
-    s = _Settings(phi_star=getattr(args, "phi_star", L.DEFAULT_PHI_STAR),
-                  backend=getattr(args, "logprob_backend", None), chunk_size=getattr(args, "logprob_chunk_size", None))
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(s, key, value)
-    return s
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        """With a MallowsPO loss, TRL's precompute becomes one reference pass that stores the log-probs and the
+        mean entropies (TRL's own pass, its cache file aside, otherwise)."""
+        if not _uses_mallows(self):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        _install_head(self, _settings_from(self.args))
+        return _add_reference_columns(self, dataset, batch_size)
 
 
 def patch_dpo_trainer(trainer: DPOTrainer, *, phi_star: float | str | None = None, backend: str | None = None,
-                      chunk_size: int | None = None) -> DPOTrainer:
+                      chunk_size: int | None = None, padding_free: bool | None = None) -> DPOTrainer:
     """Give an existing ``DPOTrainer`` (or subclass) instance the fused head and the MallowsPO loss types.
 
     Call it after constructing the trainer and before ``train()``. The instance's own ``_compute_loss``
     (a subclass override included) keeps computing TRL's loss types and metrics; the MallowsPO terms are
     added to it. Settings default to those of a :class:`MallowsDPOConfig` ``args``, else the library defaults.
+    With ``precompute_ref_log_probs=True`` and a MallowsPO loss, one reference pass adds the entropy columns.
 
     Returns:
         the same trainer.
+
+    Raises:
+        TypeError: ``trainer`` is not a ``trl.DPOTrainer``.
+        ValueError: a bad ``phi_star``, ``ld_alpha`` with a MallowsPO loss, or what
+            :func:`~mallowspo_fast.integrations.trl_head.patch_trainer` raises.
     """
     if not isinstance(trainer, DPOTrainer):
         raise TypeError(f"patch_dpo_trainer: expected a trl.DPOTrainer instance, found {type(trainer).__name__}")
-    if getattr(trainer, "_mpf_recorder", None) is not None:
+    if getattr(trainer, "_mpf_ready", False):
         return trainer
-    _setup(trainer, _settings_from(trainer.args, phi_star=phi_star, backend=backend, chunk_size=chunk_size))
+    _setup(trainer, _settings_from(trainer.args, phi_star=phi_star, backend=backend, chunk_size=chunk_size,
+                                   padding_free=padding_free))
     inner = trainer._compute_loss
     trainer._compute_loss = types.MethodType(
         lambda self, model, inputs, return_outputs: _compute_loss(self, inner, model, inputs, return_outputs), trainer)

@@ -176,7 +176,7 @@ def masked_row_mean(values: torch.Tensor, labels: torch.Tensor, ignore_index: in
     return (values.float() * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
 
 
-def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
+def param_shape(param: torch.Tensor) -> tuple[int, ...]:
     """The shape of a parameter, also when ZeRO-3 has partitioned it (``ds_shape``)."""
     return tuple(getattr(param, "ds_shape", param.shape))
 
@@ -211,7 +211,7 @@ def install_lm_head_logprobs(model: nn.Module, *, chunk_size: int | None = None,
     if isinstance(head, LMHeadLogprobs):
         return head
     weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or len(_full_shape(weight)) != 2:
+    if not isinstance(weight, torch.Tensor) or len(param_shape(weight)) != 2:
         raise TypeError(
             f"install_lm_head_logprobs: expected a model whose get_output_embeddings() is a linear layer "
             f"with a [V, H] weight, got {type(head).__name__} on {type(model).__name__}"
@@ -345,7 +345,7 @@ class CausalLMLogprobs(nn.Module):
         self.backend = backend
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         # Read now: under ZeRO-3 the weight is a partitioned placeholder outside the head's forward.
-        self.vocab_size = _full_shape(head.weight)[0] if head is not None else model.config.vocab_size
+        self.vocab_size = param_shape(head.weight)[0] if head is not None else model.config.vocab_size
         if logits_mode == "chunked":
             install_lm_head_logprobs(model, chunk_size=chunk_size, backend=backend)
 

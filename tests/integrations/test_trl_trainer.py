@@ -1,10 +1,13 @@
 """``MallowsDPOTrainer`` / ``patch_dpo_trainer`` with the real ``trl.DPOTrainer`` on tiny models (no hub).
 
-- loss type ``sigmoid``: three optimizer steps log the same loss, ``rewards/*`` and ``logps/*`` as unpatched
-  TRL (fp32, rel 1e-5), and the fused op really computed them;
+- TRL's loss types (``sigmoid``, a weighted ``sigmoid`` + ``ipo`` list, WPO's ``use_weighting``): three optimizer
+  steps log the same loss, ``rewards/*`` and ``logps/*`` as unpatched TRL (fp32, rel 1e-5), and the fused op
+  really computed them;
 - ``mallows_theta`` / ``mallows_phi`` / ``mallows_ipo``: the trainer's loss on a batch equals our loss
   functions applied to the same batch, and its parameter gradients match a float64 reference written out here;
-- ``phi_star="auto"``, metric keys, mixed loss lists and the refusals.
+- ``phi_star="auto"``, metric keys, mixed loss lists, the refusals that remain;
+- ``precompute_ref_log_probs=True`` with MallowsPO (reference entropies stored beside TRL's columns) and
+  padding-free batches: each equal to the run without it.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from trl import DPOTrainer
-from trl_helpers import FAMILIES, dpo_args, make_trainer
+from trl_helpers import dpo_args, make_trainer
 
 import mallowspo_fast as mpf
 from mallowspo_fast.integrations import trl as mtrl
+from mallowspo_fast.integrations import trl_head
 from mallowspo_fast.integrations.trl import MallowsDPOConfig, MallowsDPOTrainer, patch_dpo_trainer
 
 COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -36,14 +40,16 @@ def step_logs(trainer):
 
 def counted_op():
     """A spy on the fused op inside the head (the test fails if TRL's own head did the work)."""
-    return mock.patch.object(mtrl, "linear_token_logprobs", wraps=mtrl.linear_token_logprobs)
+    return mock.patch.object(trl_head, "linear_token_logprobs", wraps=trl_head.linear_token_logprobs)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_sigmoid_three_steps_match_unpatched_trl(family, tmp_path):
-    plain = make_trainer(DPOTrainer, family, dpo_args(tmp_path / "plain"))
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("gpt2", {}), ("llama", {"use_weighting": True}),
+                                          ("gpt2", {"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0, 0.5]})],
+                         ids=["llama", "gpt2", "llama-use_weighting", "gpt2-sigmoid+ipo"])
+def test_trl_losses_three_steps_match_unpatched_trl(family, extra, tmp_path):
+    plain = make_trainer(DPOTrainer, family, dpo_args(tmp_path / "plain", **extra))
     plain.train()
-    ours = make_trainer(MallowsDPOTrainer, family, dpo_args(tmp_path / "ours"))
+    ours = make_trainer(MallowsDPOTrainer, family, dpo_args(tmp_path / "ours", **extra))
     with counted_op() as spy:
         ours.train()
     assert spy.call_count == 2 * 3  # policy + reference forward per step
@@ -186,16 +192,54 @@ def test_mixed_list_auto_phi_and_training(tmp_path):
 
 
 def test_refusals(tmp_path):
-    with pytest.raises(ValueError, match="precompute_ref_log_probs=False"):
-        make_trainer(MallowsDPOTrainer, "llama", dpo_args(tmp_path / "a", loss_type=["mallows_theta"],
-                                                            precompute_ref_log_probs=True))
-    with pytest.raises(ValueError, match="use_weighting=False"):
-        make_trainer(MallowsDPOTrainer, "llama", dpo_args(tmp_path / "b", use_weighting=True))
     with pytest.raises(ValueError, match="phi_star must be a positive number or 'auto', found -1"):
         make_trainer(MallowsDPOTrainer, "llama", dpo_args(tmp_path / "c", MallowsDPOConfig,
                                                             loss_type=["mallows_phi"], phi_star=-1))
+    with pytest.raises(ValueError, match="ld_alpha .* is not defined for the MallowsPO losses"):
+        make_trainer(MallowsDPOTrainer, "llama", dpo_args(tmp_path / "d", loss_type=["mallows_theta"], ld_alpha=0.5))
     with pytest.raises(TypeError, match="expected a trl.DPOTrainer instance, found object"):
         patch_dpo_trainer(object())
+
+
+def test_precomputed_reference_carries_entropies_and_matches_the_live_reference(tmp_path):
+    """precompute_ref_log_probs=True with a MallowsPO loss: one reference pass stores log-probs and mean
+    entropies, no reference model stays in memory, and training logs what a live reference gives."""
+    from trl_helpers import dataset, tiny_model, tokenizer
+
+    kw = dict(loss_type=["mallows_theta"], phi_star="auto", max_steps=2)
+    live = make_trainer(MallowsDPOTrainer, "llama", dpo_args(tmp_path / "live", MallowsDPOConfig, **kw))
+    args = dpo_args(tmp_path / "pre", MallowsDPOConfig, precompute_ref_log_probs=True, **kw)
+    with counted_op() as spy:
+        pre = MallowsDPOTrainer(model=tiny_model("llama"), ref_model=None, args=args, train_dataset=dataset(),
+                                processing_class=tokenizer())
+    assert pre.ref_model is None
+    assert spy.call_count == 2  # one pass over the 8 pairs, batches of 4: log-probs and entropies together
+    columns = pre.train_dataset.column_names
+    assert {"ref_chosen_logps", "ref_rejected_logps", "ref_chosen_entropy", "ref_rejected_entropy"} <= set(columns)
+    assert pre._mpf_phi_star == pytest.approx(live._mpf_phi_star, rel=1e-6)
+    live.train()
+    with counted_op() as spy:
+        pre.train()
+    assert spy.call_count == 2  # policy forwards only
+    for x, y in zip(step_logs(live), step_logs(pre), strict=True):
+        for key in (*COMPARED, "dispersion/neg_log_mean", "dispersion/entropy_mean"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), key
+
+
+def test_padding_free_dpo_equals_the_padded_run(tmp_path):
+    """TRL 1.16 turns padding_free off for DPO; our head packs the rows before the backbone instead."""
+    padded = make_trainer(MallowsDPOTrainer, "llama", dpo_args(tmp_path / "padded", loss_type=["mallows_theta"]))
+    packed = make_trainer(MallowsDPOTrainer, "llama", dpo_args(tmp_path / "packed", loss_type=["mallows_theta"],
+                                                               padding_free=True))
+    lengths = []
+    packed.model.model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape),
+                                                 with_kwargs=True)
+    padded.train()
+    packed.train()
+    assert lengths and all(shape[0] == 1 for shape in lengths)  # the backbone saw one packed row
+    for x, y in zip(step_logs(padded), step_logs(packed), strict=True):
+        for key in (*COMPARED, "dispersion/neg_log_mean"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), key
 
 
 def test_evaluate_logs_trl_and_dispersion_keys(tmp_path):
