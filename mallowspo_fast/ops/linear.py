@@ -104,13 +104,13 @@ _FP32_OUT_ADDMM = [True]  # flips to False once if this torch build lacks addmm(
 
 
 def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b in fp32 without an [V, H] temporary. bf16/fp16 operands on CUDA use the GEMM's
-    fp32 output mode (fast half-precision math, fp32 accumulation and result); elsewhere the chunk
-    operands are upcast (a chunk-sized copy)."""
+    """acc += a @ b in acc's dtype (fp32, or float64) without an [V, H] temporary. bf16/fp16 operands on CUDA
+    use the GEMM's fp32 output mode (fast half-precision math, fp32 accumulation and result); elsewhere the
+    chunk operands are upcast (a chunk-sized copy)."""
     if a.dtype == acc.dtype and b.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if a.is_cuda and _FP32_OUT_ADDMM[0] and a.dtype == b.dtype:
+    if a.is_cuda and _FP32_OUT_ADDMM[0] and a.dtype == b.dtype and acc.dtype == torch.float32:
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
@@ -175,10 +175,12 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         batch, seq, dim = hidden.shape
         dev, cdt = hidden.device, ctx.cdt
         grad_hidden = torch.zeros(batch * seq, dim, dtype=hidden.dtype, device=dev) if need_hidden else None
-        # The weight gradient only when asked for (a frozen head under LoRA: no [V, H] GEMM at all).
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_weight else None
+        # The weight gradient only when asked for (a frozen head under LoRA: no [V, H] GEMM at all), accumulated
+        # in fp32 (float64 when the products run in float64).
+        acc = torch.float64 if cdt == torch.float64 else torch.float32
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=dev) if need_weight else None
         need_bias = need_bias and bias is not None
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_bias else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=dev) if need_bias else None
         # Upstream grads of the unmasked tokens only (a per-sequence grad arrives expanded over T).
         g_all = grad_logps.reshape(-1)[rows] if grad_logps is not None else None
         h_all = grad_entropy.reshape(-1)[rows] if grad_entropy is not None else None
@@ -203,7 +205,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
                 if need_weight:
                     _addmm_fp32(grad_weight, dlogits.t().to(cdt), h_rows)
                 if need_bias:
-                    grad_bias += dlogits.sum(0, dtype=torch.float32)
+                    grad_bias += dlogits.sum(0, dtype=acc)
                 del logits, dlogits
         if grad_hidden is not None:
             grad_hidden = grad_hidden.view(batch, seq, dim)
