@@ -198,3 +198,22 @@ def test_ignored_targets_give_zero_and_bad_arguments_raise():
     targets[5] = 97
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 97\)"):
         ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, 16)
+
+
+def test_under_autocast_the_products_run_in_the_autocast_dtype_as_trls():
+    hidden, weight, _, targets = head(torch.float32)
+    results = []
+    for fn in (ChunkedLogProbFunction, TRLChunked):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs, grads = run(fn, hidden, weight, None, targets, TRANSFORMS[1])
+        results.append((outs, grads))
+    (ours, our_grads), (theirs, their_grads) = results
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    exact = chunked_definition(hidden.double(), weight.double(), None, targets, **TRANSFORMS[1])[0]
+    assert (ours[0].double() - exact).abs().max() > 1e-3  # bf16 products: not the fp32 result
+    for a, b in zip(our_grads[:2], their_grads[:2]):
+        assert a.dtype == b.dtype == torch.float32
+        # the op rounds each chunk's hidden-state gradient to bf16 where TRL accumulates it in fp32
+        torch.testing.assert_close(a, b, atol=5e-3, rtol=1e-2)
