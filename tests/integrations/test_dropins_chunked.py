@@ -101,24 +101,10 @@ def test_against_the_definition_in_float64(dtype):
             torch.testing.assert_close(got.double(), exact, **tol)
     if dtype in (torch.float32, torch.float64):
         assert torch.equal(outs[4], want[4])
+    # float64 inputs: every gradient (hidden, weight, bias) computed and accumulated in float64
     gtol = dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(tol, atol=3 * tol["atol"])
-    torch.testing.assert_close(grads[0].double(), leaves[0].grad, **gtol)
-    # The op accumulates the weight and bias gradients in fp32 whatever the inputs (see the strict xfail below).
-    wtol = dict(tol, atol=3 * tol["atol"])
-    for got, exact in zip(grads[1:], leaves[1:]):
-        torch.testing.assert_close(got.double(), exact.grad, **wtol)
-
-
-@pytest.mark.xfail(strict=True, reason="linear_token_logprobs accumulates the weight and bias gradients in fp32 "
-                                       "even for float64 inputs (ops/linear.py backward)")
-def test_float64_weight_and_bias_gradients_are_accumulated_in_float64():
-    hidden, weight, bias, targets = head(torch.float64)
-    _, grads = run(ChunkedLogProbFunction, hidden, weight, bias, targets, TRANSFORMS[3])
-    leaves = [t.detach().requires_grad_(True) for t in (hidden, weight, bias)]
-    want = chunked_definition(*leaves, targets, **TRANSFORMS[3])
-    (want[0] * upstream(want[0].shape).float() + want[1] * upstream(want[1].shape, seed=5).float()).sum().backward()
     for got, exact in zip(grads, leaves):
-        torch.testing.assert_close(got, exact.grad, atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(got.double(), exact.grad, **gtol)
 
 
 def test_float64_inputs_are_computed_in_float64():
