@@ -69,6 +69,9 @@ CLAIMS: list[tuple[str, str, Callable[[], list[float]]]] = [
      "colours | [{}, {}] |", lambda: list(gw.C_RANGE["open"])),
     ("docs/science.md", "| arithmetic | what is 3 plus 4 | the 8 numbers nearest the sum | by distance to the sum | "
      "log-uniform in [{}, {}] |", lambda: list(gw.C_RANGE["arithmetic"])),
+    ("docs/science.md", "on the rank scale, ({} − rank)/{}, and 0 for anything outside", lambda: [gw.K - 1, gw.K - 1]),
+    ("docs/science.md", "a tiny causal transformer built from a config (width {}, {} layers, {} heads;",
+     lambda: [_gen_cfg("model")[k] for k in ("d_model", "n_layers", "n_heads")]),
     ("docs/science.md", "trained by SFT for {} steps on {} sampled answers per prompt, for all {} prompts",
      lambda: [_gen_cfg("sft_steps"), _gen_cfg("sft_samples"), len(gw.FAMILIES) * _gen_cfg("prompts_per_family")]),
     ("docs/science.md", "{} pairs per training prompt on the {} training prompts only",
