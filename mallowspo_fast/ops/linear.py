@@ -201,7 +201,12 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
                 dlogits = impl.backward(logits, flat_labels[idx].unsqueeze(0), row(lse), row(entropy), row(g_all),
                                         row(h_all), None, ctx.ignore_index, ctx.transform, True)[0]
                 if need_hidden:
-                    grad_hidden.index_copy_(0, idx, torch.mm(dlogits.to(cdt), w).to(hidden.dtype))
+                    if hidden.dtype == cdt:
+                        rows_grad = torch.mm(dlogits.to(cdt), w)
+                    else:  # e.g. fp32 hidden states under bf16 autocast: the product accumulates in fp32 (as TRL)
+                        rows_grad = torch.zeros(idx.numel(), dim, dtype=torch.float32, device=dev)
+                        _addmm_fp32(rows_grad, dlogits.to(cdt), w)
+                    grad_hidden.index_copy_(0, idx, rows_grad.to(hidden.dtype))
                 if need_weight:
                     _addmm_fp32(grad_weight, dlogits.t().to(cdt), h_rows)
                 if need_bias:
