@@ -52,6 +52,17 @@ def _check_logits(logits: torch.Tensor, where: str) -> None:
         raise ValueError(f"{where}: expected unit stride along V, got strides {tuple(logits.stride())}")
 
 
+def _check_labels(labels: torch.Tensor | None, shape: tuple[int, ...], where: str) -> None:
+    """The kernels are compiled for int64 labels of the logits' [B, T] (any strides)."""
+    if labels is None:
+        return
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{where}: expected int64 labels, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"{where}: expected labels of shape {tuple(shape)} (the logits' [B, T]), "
+                         f"got {tuple(labels.shape)}")
+
+
 def _unused_int64(device: torch.device) -> torch.Tensor:
     """A valid int64 pointer for the labels slot when HAS_LABELS=False (never read)."""
     return torch.empty(1, 1, dtype=torch.int64, device=device)
@@ -62,6 +73,7 @@ def forward(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
     """logits [B, T, V] (any batch/time strides, unit stride along V), labels [B, T] int64 or None ->
     RowStats of fresh [B, T] tensors in the accumulation dtype (``is_top1`` bool); masked rows 0."""
     _check_logits(logits, "triton_path.forward")
+    _check_labels(labels, logits.shape[:2], "triton_path.forward")
     batch, seq, vocab = logits.shape
     acc = accumulation_dtype(logits.dtype)
     has_labels = labels is not None
@@ -105,6 +117,7 @@ def backward(logits: torch.Tensor, labels: torch.Tensor | None, lse: torch.Tenso
     """dL/dlogits [B, T, V] in the logits dtype: a new tensor, or written over ``logits`` (``inplace``;
     each element is read before it is written). Masked rows get exactly 0 and are not read."""
     _check_logits(logits, "triton_path.backward")
+    _check_labels(labels, logits.shape[:2], "triton_path.backward")
     if grad_lse is not None and labels is not None:
         raise ValueError("triton_path.backward: grad_lse is only supported without labels (labels is not None)")
     batch, seq, vocab = logits.shape
@@ -144,6 +157,7 @@ def sequence_reduce(labels: torch.Tensor, logps: torch.Tensor, entropy: torch.Te
     if logps.dtype != entropy.dtype or logps.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"triton_path.sequence_reduce: expected fp32 or fp64 logps and entropy of one dtype, "
                         f"got {logps.dtype} and {entropy.dtype}")
+    _check_labels(labels, logps.shape, "triton_path.sequence_reduce")
     batch, seq = labels.shape
     # The kernel reads the per-token values as contiguous [B, T] rows (what forward returns).
     logps, entropy = logps.contiguous(), entropy.contiguous()

@@ -357,6 +357,10 @@ def test_bad_input_raises_with_what_was_expected_and_found():
         triton_path.forward(logits.int(), None, IGNORE, IDENTITY)
     with pytest.raises(ValueError, match=r"logits \[B, T, V\], got shape \(6, 10\)"):
         triton_path.forward(logits.view(6, 10), None, IGNORE, IDENTITY)
+    with pytest.raises(TypeError, match="expected int64 labels, got torch.int32"):
+        triton_path.forward(logits, torch.zeros(2, 3, dtype=torch.int32, device=DEVICE), IGNORE, IDENTITY)
+    with pytest.raises(ValueError, match=r"labels of shape \(2, 3\) \(the logits' \[B, T\]\), got \(3, 2\)"):
+        triton_path.forward(logits, torch.zeros(3, 2, dtype=torch.long, device=DEVICE), IGNORE, IDENTITY)
     lse = torch.zeros(2, 3, device=DEVICE)
     with pytest.raises(ValueError, match="grad_lse is only supported without labels"):
         triton_path.backward(logits, torch.zeros(2, 3, dtype=torch.long), lse, lse, None, None, lse, IGNORE,
