@@ -1,5 +1,5 @@
-"""Memory of the torch path (KERNELS.md §2): beyond the gradient, only O(N) + one chunk (eager chunks) or
-O(N) (compiled route), checked for both routes.
+"""Memory of the torch path (docs/kernels.md §Byte budget): beyond the gradient, only O(N) + one chunk (eager
+chunks) or O(N) (compiled route), checked for both routes.
 
 Measured as the peak resident set of an isolated process, the only honest CPU measure: the baseline
 is taken after the logits exist (the kernel's high-water mark is reset there), the peak after forward
