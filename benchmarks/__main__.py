@@ -1,8 +1,9 @@
 """Run the whole suite on the device found: ``python -m benchmarks [--quick] [--out DIR]``.
 
 Subjects: the op (forward, backward, forward+backward), the memory mode (hidden states and output
-weight to log-probs, against the logits path), a preference-loss step, a small-model train step, one
-step of TRL's ``DPOTrainer`` with TRL's own head and with the fused op (when TRL is installed), and the
+weight to log-probs, against the logits path and TRL's fused head), a preference-loss step, a small-model
+train step, one step of TRL's ``DPOTrainer`` with TRL's own head and with the fused op (when TRL is
+installed), the accuracy against float64 (ours, TRL, naive fp32 torch; ours on every backend) and the
 projection for sm_80 / sm_90. Shapes default to the GPU sweep of the issue on CUDA (op: V = 32000,
 128256, 151936, 256000, bf16 and fp32; memory mode: N = 8192, H = 4096, V = 32000, 128256, 151936, bf16)
 and to CPU-sized shapes on CPU. ``--quick`` uses tiny shapes and few repeats: a smoke run that checks
@@ -15,13 +16,16 @@ import argparse
 import sys
 import time
 
-from . import linear, loss_step, op, projection, train_step, trl_step
+from . import accuracy, linear, loss_step, op, projection, train_step, trl_step
 from .floor import floor_markdown
 from .harness import default_device, log, measure_floor_isolated
 from .providers import PROVIDERS
 from .report import write_report
 
-SUBJECTS = ("op", "linear", "loss_step", "train_step", "trl_step", "projection")
+SUBJECTS = ("op", "linear", "loss_step", "train_step", "trl_step", "accuracy", "projection")
+# Accuracy: N = 64 rows everywhere (the Triton kernels run interpreted on CPU: minutes at V = 151936).
+ACCURACY = dict(n=64, hidden=256, vocabs=[32000, 151936], dtypes=["fp32", "bf16"],
+                precision_vocabs=[1000, 32000, 50257, 128256, 151936])
 
 
 def plan(device: str, quick: bool) -> dict:
@@ -36,6 +40,7 @@ def plan(device: str, quick: bool) -> dict:
             "train_step": dict(model="llama-tiny", batch=1, seq=32, vocab=2048, dtype="fp32", warmup=1,
                                repeats=2),
             "trl_step": dict(vocab=2048, batch=1, prompt=16, completion=16, warmup=1, repeats=2),
+            "accuracy": dict(n=4, hidden=16, vocabs=[300], dtypes=["fp32", "bf16"], precision_vocabs=[300]),
             "projection": dict(ns=[8192], vocabs=[32000], dtypes=["bf16"], archs=[90]),
         }
     if cuda:
@@ -49,6 +54,7 @@ def plan(device: str, quick: bool) -> dict:
             "train_step": dict(model="llama-small", batch=8, seq=1024, vocab=128256, dtype="bf16", warmup=3,
                                repeats=20),
             "trl_step": dict(vocab=128256, batch=8, prompt=512, completion=512, warmup=2, repeats=10),
+            "accuracy": ACCURACY,
             "projection": dict(ns=[8192, 16384], vocabs=list(projection.VOCABS), dtypes=["bf16"],
                                archs=[80, 90]),
         }
@@ -63,6 +69,7 @@ def plan(device: str, quick: bool) -> dict:
                            repeats=5),
         # the issue's CPU setting: a 128k vocabulary (docs/integrations.md)
         "trl_step": dict(vocab=128256, batch=2, prompt=192, completion=64, warmup=1, repeats=3),
+        "accuracy": ACCURACY,
         "projection": dict(ns=[8192, 16384], vocabs=list(projection.VOCABS), dtypes=["bf16"], archs=[80, 90]),
     }
 
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             extra["CPU floor"] = floor_markdown(floor)
     if "linear" in args.subjects:
         c = cfg["linear"]
-        # "ours" selects both of our paths (chunked memory mode and logits); TRL has no hidden-state level.
+        # "ours" selects both of our paths (chunked memory mode and logits); "trl", TRL's fused head.
         providers = [x for x in linear.PROVIDERS if x in args.providers or ("ours" in args.providers
                                                                            and x.startswith("ours"))]
         passes = [x for x in args.passes if x in c["passes"]]
@@ -131,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
                                                   list(trl_step.LOSSES), c["warmup"], c["repeats"],
                                                   threads=args.threads, log=log)
             extra["trl_step: ours vs TRL"] = trl_step.comparison_markdown(sections["trl_step"])
+    if "accuracy" in args.subjects:  # its own providers: --providers does not apply
+        c = cfg["accuracy"]
+        records = accuracy.run(args.device, list(accuracy.PARTS), c["n"], c["hidden"], c["vocabs"], c["dtypes"],
+                               c["precision_vocabs"], log=log)
+        accuracy.write_csvs(records, args.out)
+        extra.update(accuracy.markdown_sections(records))
     if "projection" in args.subjects:
         c = cfg["projection"]
         log("  projection (ahead-of-time compilation)")

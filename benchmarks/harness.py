@@ -413,6 +413,12 @@ def _child_env(spec: dict[str, Any]) -> dict[str, str]:
         env.pop("TRITON_INTERPRET", None)
     if "mmap" in check_condition(spec.get("condition", "quiet")):
         env[MMAP_THRESHOLD_ENV[0]] = MMAP_THRESHOLD_ENV[1]
+    # A case's own settings (e.g. the torch backend's route, the Triton interpreter): a value sets, None unsets.
+    for name, value in (spec.get("env") or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = str(value)
     return env
 
 

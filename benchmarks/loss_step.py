@@ -6,6 +6,10 @@ precomputed reference log-probs). For MallowsPO (``--loss mallows_theta``) the d
 the per-sequence entropies of the same logits, detached, standing in for the reference model's
 entropies: same cost, and it is why the op computes the entropy at all.
 
+Providers: those of :data:`benchmarks.providers.PROVIDERS`; ``compiled`` compiles the per-token reference
+only, ``compiled-loss`` compiles the whole step loss (sequence sums of the eager reference, dispersion,
+preference loss) into one graph, forward and backward: the strongest baseline a user would write.
+
 Byte formula: forward + backward over the unmasked rows, 3·N_unmasked·V·element_size (masked rows are
 never read by our kernels; implementations that read them move more).
 
@@ -23,9 +27,10 @@ from typing import Any
 import torch
 
 import mallowspo_fast as mpf
+from mallowspo_fast.ops.naive import naive_sequence_logprobs
 
 from .harness import DTYPES, Case, Result, default_device, log, run_case
-from .providers import IGNORE_INDEX, LOGP_ONLY, PROVIDERS, Unavailable, availability, sequence_fn
+from .providers import IGNORE_INDEX, LOGP_ONLY, LOSS_LEVEL, PROVIDERS, Unavailable, availability, sequence_fn
 from .report import write_report
 
 LOSSES = ("sigmoid", "mallows_theta")
@@ -46,13 +51,31 @@ def make_batch(batch: int, seq: int, vocab: int, dtype: str, device: str, seed: 
     return logits, labels.to(device), ref[0].to(device), ref[1].to(device)
 
 
+def preference_loss_of(logps, entropy, num_tokens, vocab: int, ref_chosen, ref_rejected, loss_type: str):
+    """The batch's preference loss from its sequence log-probs (chosen rows first), entropies and counts."""
+    chosen, rejected = logps.chunk(2)
+    c = None
+    if loss_type.startswith("mallows"):
+        ent_w, ent_l = entropy.detach().chunk(2)
+        n_w, n_l = num_tokens.chunk(2)
+        c = mpf.neg_log_dispersion(ent_w, ent_l, vocab, chosen_num_tokens=n_w, rejected_num_tokens=n_l)
+    return mpf.preference_loss(chosen, rejected, ref_chosen, ref_rejected, loss_type=loss_type, beta=0.1,
+                               neg_log_dispersion=c).loss
+
+
+def whole_step_loss(logits, labels, ref_chosen, ref_rejected, loss_type: str):
+    """The whole loss as a user writes it, for ``compiled-loss``: the eager reference's sequence sums, then
+    the preference loss (one graph under torch.compile, forward and backward)."""
+    logps, entropy, num_tokens = naive_sequence_logprobs(logits, labels, IGNORE_INDEX)
+    return preference_loss_of(logps, entropy, num_tokens, logits.shape[-1], ref_chosen, ref_rejected, loss_type)
+
+
 def build_case(spec: dict[str, Any]) -> Case:
-    device, loss_type = spec["device"], spec["loss"]
+    device, loss_type, provider = spec["device"], spec["loss"], spec["provider"]
     if loss_type not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss_type!r}")
-    if loss_type.startswith("mallows") and spec["provider"] in LOGP_ONLY:
+    if loss_type.startswith("mallows") and provider in LOGP_ONLY:
         raise Unavailable("unsupported", "MallowsPO needs the entropy, which this provider does not compute")
-    fn = sequence_fn(spec["provider"], device)
     logits, labels, ref_chosen, ref_rejected = make_batch(spec["batch"], spec["seq"], spec["vocab"],
                                                           spec["dtype"], device, spec.get("seed", 0))
     vocab = logits.shape[-1]
@@ -60,17 +83,19 @@ def build_case(spec: dict[str, Any]) -> Case:
     def setup():
         logits.grad = None
 
-    def step(_):
-        logps, entropy, num_tokens = fn(logits, labels)
-        chosen, rejected = logps.chunk(2)
-        c = None
-        if loss_type.startswith("mallows"):
-            ent_w, ent_l = entropy.detach().chunk(2)
-            n_w, n_l = num_tokens.chunk(2)
-            c = mpf.neg_log_dispersion(ent_w, ent_l, vocab, chosen_num_tokens=n_w, rejected_num_tokens=n_l)
-        out = mpf.preference_loss(chosen, rejected, ref_chosen, ref_rejected, loss_type=loss_type, beta=0.1,
-                                  neg_log_dispersion=c)
-        out.loss.backward()
+    if provider in LOSS_LEVEL:
+        missing = availability(provider, device)
+        if missing is not None:
+            raise Unavailable(*missing)
+        compiled = torch.compile(whole_step_loss, dynamic=False)
+
+        def step(_):
+            compiled(logits, labels, ref_chosen, ref_rejected, loss_type).backward()
+    else:
+        fn = sequence_fn(provider, device)
+
+        def step(_):
+            preference_loss_of(*fn(logits, labels), vocab, ref_chosen, ref_rejected, loss_type).backward()
 
     unmasked = int((labels != IGNORE_INDEX).sum())
     elem = logits.element_size()

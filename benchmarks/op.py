@@ -9,6 +9,11 @@ Byte formula (KERNELS.md §2), with L = N·V·element_size of the logits:
 These are the bytes any implementation must move (the physical floor); "model bandwidth" is that
 count divided by the measured time, so an implementation that moves more bytes shows a lower figure.
 
+What is differentiated: ``Σ g·logp + Σ h·entropy`` with random per-token upstream values g, h. Every
+provider computes its per-token outputs and the two weighted sums run eagerly, except ``compiled-loss``
+(:func:`benchmarks.providers.whole_token_loss`), where torch.compile sees the whole loss, the sums
+included, and its ``fwd`` pass is that loss's forward.
+
 Usage::
 
     python -m benchmarks.op --device cpu --n 4096 --vocab 32000 --dtype fp32 --pass fwdbwd
@@ -34,7 +39,7 @@ from .harness import (
     merge_results,
     run_case,
 )
-from .providers import PROVIDERS, availability, token_fn
+from .providers import LOSS_LEVEL, PROVIDERS, availability, token_fn, token_loss_fn
 from .report import write_report
 
 PASSES = ("fwd", "bwd", "fwdbwd")
@@ -64,29 +69,41 @@ def make_inputs(n: int, vocab: int, dtype: str, device: str, seed: int = 0):
 
 
 def build_case(spec: dict[str, Any]) -> Case:
-    device, pass_ = spec["device"], spec["pass"]
-    fn = token_fn(spec["provider"], device)
-    logits, labels, g, h = make_inputs(spec["n"], spec["vocab"], spec["dtype"], device, spec.get("seed", 0))
+    device, pass_, provider = spec["device"], spec["pass"], spec["provider"]
+    if spec.get("acc") is not None:  # the compiled loops' row sums, before anything compiles
+        from .accumulation import set_compiled_accumulation
 
-    def loss_of(logp, entropy):
-        loss = (logp * g).sum()
-        return loss + (entropy * h).sum() if entropy is not None else loss
+        set_compiled_accumulation(spec["acc"])
+    logits, labels, g, h = make_inputs(spec["n"], spec["vocab"], spec["dtype"], device, spec.get("seed", 0))
+    if provider in LOSS_LEVEL:  # the whole loss in one graph: its forward is the loss
+        loss_fn = token_loss_fn(provider, device)
+        forward = loss = lambda: loss_fn(logits, labels, g, h)  # noqa: E731
+    else:
+        fn = token_fn(provider, device)
+
+        def forward():
+            return fn(logits, labels)
+
+        def loss():
+            logp, entropy = fn(logits, labels)
+            out = (logp * g).sum()
+            return out + (entropy * h).sum() if entropy is not None else out
 
     def clear_grad():
         logits.grad = None
 
     if pass_ == "fwd":
         setup = clear_grad
-        run = lambda _: fn(logits, labels)  # noqa: E731  (keeps the graph alive: a training forward)
+        run = lambda _: forward()  # noqa: E731  (keeps the graph alive: a training forward)
     elif pass_ == "bwd":
         def setup():
             clear_grad()
-            return loss_of(*fn(logits, labels))
+            return loss()
 
-        run = lambda loss: loss.backward()  # noqa: E731
+        run = lambda out: out.backward()  # noqa: E731
     elif pass_ == "fwdbwd":
         setup = clear_grad
-        run = lambda _: loss_of(*fn(logits, labels)).backward()  # noqa: E731
+        run = lambda _: loss().backward()  # noqa: E731
     else:
         raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")
     n, v, dt = spec["n"], spec["vocab"], spec["dtype"]

@@ -15,13 +15,17 @@ from .harness import Result, environment_header, peak_bandwidth_gbs
 from .providers import LOGP_ONLY
 
 # Spec fields that identify a case apart from its provider, in the order the tables show them.
-SHAPE_KEYS = ("pass", "model", "loss", "batch", "seq", "n", "hidden", "vocab", "dtype", "mask_frac", "condition")
+SHAPE_KEYS = ("pass", "model", "loss", "batch", "seq", "n", "hidden", "vocab", "dtype", "mask_frac", "condition",
+              "acc")
 HEADERS = {"pass": "pass", "model": "model", "loss": "loss", "batch": "B", "seq": "T", "n": "N", "hidden": "H",
-           "vocab": "V", "dtype": "dtype", "mask_frac": "masked", "condition": "condition"}
-BASELINES = ("reference", "compiled")
+           "vocab": "V", "dtype": "dtype", "mask_frac": "masked", "condition": "condition", "acc": "row sums"}
+BASELINES = ("reference", "compiled", "compiled-loss")
+# What torch.compile gives a user: the per-token function compiled, or the whole loss in one graph. The
+# faster of the two in the same run is the strongest baseline; the tables name it.
+COMPILED_BASELINES = ("compiled", "compiled-loss")
 # Goals of our provider on CPU, shown as pass/fail markers next to each case that has a floor.
 GOAL_X_FLOOR = 2.0  # at most this multiple of the machine's floor
-GOAL_VS_COMPILED = 2.0  # at least this many times faster than torch.compile of the reference
+GOAL_VS_COMPILED = 2.0  # at least this many times faster than the strongest torch.compile baseline
 GOAL_MEMORY_X_LOGITS = 1.1  # extra peak memory at most this multiple of the logits
 
 
@@ -29,9 +33,10 @@ def goals(row: dict) -> str | None:
     """Pass/fail markers of the CPU goals for a row of ours that has a floor, else None."""
     if row["provider"] != "ours" or row.get("x_floor") is None:
         return None
+    vs_compiled = row.get("speedup_vs_strongest_compiled")
     checks = [(f"≤{GOAL_X_FLOOR:g}× floor", row["x_floor"] <= GOAL_X_FLOOR),
-              (f"≥{GOAL_VS_COMPILED:g}× compiled", None if row.get("speedup_vs_compiled") is None
-               else row["speedup_vs_compiled"] >= GOAL_VS_COMPILED),
+              (f"≥{GOAL_VS_COMPILED:g}× {row.get('strongest_compiled') or 'compiled'}",
+               None if vs_compiled is None else vs_compiled >= GOAL_VS_COMPILED),
               (f"mem ≤{GOAL_MEMORY_X_LOGITS:g}×", None if row.get("extra_peak_x_logits") is None
                else row["extra_peak_x_logits"] <= GOAL_MEMORY_X_LOGITS)]
     return ", ".join(f"{name} {'-' if ok is None else ('yes' if ok else 'NO')}" for name, ok in checks)
@@ -53,6 +58,13 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 def _fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}×"
+
+
+def strongest_compiled(same_shape: dict[str, Result]) -> Result | None:
+    """The faster measured torch.compile baseline of one shape (see COMPILED_BASELINES), or None."""
+    ok = [same_shape[p] for p in COMPILED_BASELINES
+          if p in same_shape and same_shape[p].status == "ok" and same_shape[p].median_ms]
+    return min(ok, key=lambda b: b.median_ms) if ok else None
 
 
 def rows(results: list[Result], device_name: str) -> list[dict]:
@@ -79,6 +91,9 @@ def rows(results: list[Result], device_name: str) -> list[dict]:
             b_ok = b is not None and b.status == "ok" and ok
             row[f"speedup_vs_{base}"] = _ratio(b.median_ms, r.median_ms) if b_ok else None
             row[f"memory_vs_{base}"] = _ratio(r.extra_peak_bytes, b.extra_peak_bytes) if b_ok else None
+        best = strongest_compiled(by_shape[_shape(r)])
+        row["strongest_compiled"] = best.spec["provider"] if best is not None else None
+        row["speedup_vs_strongest_compiled"] = _ratio(best.median_ms, r.median_ms) if best is not None and ok else None
         if r.extra.get("floor_ms") is not None:
             cpu_ms, threads = r.extra.get("cpu_median_ms"), r.extra.get("floor_threads")
             row.update(floor_ms=r.extra["floor_ms"], floor_bound=r.extra.get("floor_bound"),
@@ -91,15 +106,18 @@ def rows(results: list[Result], device_name: str) -> list[dict]:
 
 def markdown_table(table: list[dict]) -> str:
     """One line per result. A subject with a FLOP formula (matmul-bound) shows model TFLOP/s in place of
-    the bandwidth columns."""
+    the bandwidth columns. When the whole-loss baseline ran, a column compares with the faster torch.compile
+    baseline of each shape and names it."""
     shape_cols = [k for k in SHAPE_KEYS if any(k in row for row in table)]
     flop_table = any("tflops" in row for row in table)
     work = ["TFLOP/s"] if flop_table else ["GB/s", "% peak"]
     floor_table = any("floor_ms" in row for row in table)
+    strongest = any(row["provider"] == "compiled-loss" for row in table)
     head = [HEADERS[k] for k in shape_cols] + [
         "provider", "median ms [p20, p80]", "CPU ms", *work, "tokens/s",
         "extra peak MiB (× logits)",
-        "speed vs ref", "speed vs compiled", "memory vs ref"]
+        "speed vs ref", "speed vs compiled", *(["speed vs strongest compiled"] if strongest else []),
+        "memory vs ref"]
     head += ["floor ms", "× floor", "× floor (CPU)", "goals"] if floor_table else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
@@ -124,6 +142,9 @@ def markdown_table(table: list[dict]) -> str:
                 + ("" if x is None else f" ({x:.2f}×)"),
                 _fmt_ratio(row["speedup_vs_reference"]),
                 _fmt_ratio(row["speedup_vs_compiled"]),
+                *([_fmt_ratio(row["speedup_vs_strongest_compiled"])
+                   + (f" ({row['strongest_compiled']})" if row["speedup_vs_strongest_compiled"] else "")]
+                  if strongest else []),
                 _fmt_ratio(row["memory_vs_reference"]),
             ]
             if floor_table:

@@ -1,8 +1,10 @@
 """Entry point of one isolated case: ``python -m benchmarks.worker '<json spec>'``.
 
-The spec names a subject module of this package (``op``, ``linear``, ``loss_step``, ``train_step``) that
-provides ``build_case(spec) -> Case`` and may raise :class:`benchmarks.providers.Unavailable`. The result is
-printed as one JSON line after a marker so that library chatter on stdout cannot corrupt it.
+The spec names a subject module of this package (``op``, ``linear``, ``loss_step``, ``train_step``,
+``accumulation``) that provides ``build_case(spec) -> Case`` and may raise
+:class:`benchmarks.providers.Unavailable`; a subject that measures something other than time (``accuracy``)
+provides ``evaluate(spec) -> Result`` instead. The result is printed as one JSON line after a marker so
+that library chatter on stdout cannot corrupt it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from .harness import RESULT_MARKER, Result, run_in_process
 from .providers import Unavailable
 
-SUBJECTS = ("op", "linear", "loss_step", "train_step")
+SUBJECTS = ("op", "linear", "loss_step", "train_step", "accumulation", "accuracy")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(spec.get("seed", 0))
     module = importlib.import_module(f"benchmarks.{spec['subject']}")
     try:
-        case = module.build_case(spec)
-        result = run_in_process(case, spec)
+        if hasattr(module, "evaluate"):
+            result = module.evaluate(spec)
+        else:
+            result = run_in_process(module.build_case(spec), spec)
     except Unavailable as e:
         result = Result(spec, e.status, notes=e.reason)
     except torch.OutOfMemoryError as e:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import linear, loss_step, op, projection, train_step
+from benchmarks import accuracy, linear, loss_step, op, projection, train_step
 from benchmarks.harness import Case, MemoryProbe, Result, peak_bandwidth_gbs, run_in_process, summarize
 from benchmarks.providers import availability, linear_availability
 from benchmarks.report import markdown_table, rows
@@ -269,11 +269,33 @@ def test_suite_quick_mode_runs_op_linear_and_projection(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["linear.csv", "linear.png", "op.csv", "op.png", "results.md"]
 
 
+def _csv(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 def test_suite_quick_mode_runs_every_subject(tmp_path):
-    proc = _run("benchmarks", "--quick", "--device", "cpu", "--out", str(tmp_path), timeout=900)
+    proc = _run("benchmarks", "--quick", "--device", "cpu", "--out", str(tmp_path), timeout=1200)
     for section in ("## op", "## linear", "## loss_step", "## train_step", "## projection",
-                    "| sequence_reduce | 90 |"):
+                    "| sequence_reduce | 90 |", "## accuracy: the op against float64",
+                    "## accuracy: the memory mode against float64", "## precision: ours on every backend"):
         assert section in proc.stdout
     for subject in ("op", "linear", "loss_step", "train_step"):
-        with open(tmp_path / f"{subject}.csv") as f:
-            assert any(r["status"] == "ok" for r in csv.DictReader(f))
+        assert any(r["status"] == "ok" for r in _csv(tmp_path / f"{subject}.csv"))
+    trl = availability("trl", "cpu") is None
+    # The whole-loss baseline next to the per-token one, and the report's strongest compiled column.
+    for subject in ("op", "loss_step"):
+        ok = {r["provider"] for r in _csv(tmp_path / f"{subject}.csv") if r["status"] == "ok"}
+        assert {"ours", "compiled", "compiled-loss"} | ({"trl"} if trl else set()) <= ok, (subject, ok)
+    assert "| speed vs strongest compiled |" in proc.stdout
+    linear_ok = {r["provider"] for r in _csv(tmp_path / "linear.csv") if r["status"] == "ok"}
+    assert {"ours-chunked", "ours-logits", "reference", "compiled"} | ({"trl"} if trl else set()) <= linear_ok
+    # Accuracy: every provider measured (TRL's when installed), each error a float64 figure.
+    acc = _csv(tmp_path / "accuracy.csv")
+    measured = {(r["part"], r["provider"]) for r in acc if r["status"] == "ok"}
+    want = {("op", "ours"), ("op", "naive-fp32"), ("linear", "ours"), ("linear", "ours-fp32-logits")}
+    want |= {("op", "trl"), ("op", "trl-kernel"), ("linear", "trl")} if trl else set()
+    assert want <= measured, measured
+    precision = _csv(tmp_path / "precision.csv")
+    assert {r["provider"] for r in precision if r["status"] == "ok"} == {"naive-fp32", *accuracy.BACKENDS}
+    assert all(0 <= float(r["mean_abs"]) <= float(r["max_abs"]) < 1e-3 for r in precision)
