@@ -6,11 +6,12 @@ scaled logits, ``use_weighting``'s log Σp², MoE router losses, autocast, LoRA 
 (padding-free) batches, which TRL 1.16 turns off for DPO: with ``padding_free=True`` in the config, our head
 packs the padded rows before the backbone and TRL's code runs unchanged.
 
-The losses: ``mallows_theta``, ``mallows_phi`` and ``mallows_ipo`` (alone or in a list with TRL's own, with
-``loss_weights``). TRL's ``_compute_loss`` runs with the TRL part of the list (so every TRL metric is logged by
-TRL itself), and the MallowsPO part is added from the same forwards with :func:`mallowspo_fast.preference_loss`,
-the dispersion coming from the reference's mean token entropies (``phi_star`` fixed, or ``"auto"``: estimated
-once over the training set before training). With ``precompute_ref_log_probs=True`` the one reference pass
+The losses: ``mallows_theta``, ``mallows_phi``, ``mallows_ipo`` and ``cauchy`` (the official MallowsPO code's),
+alone or in a list with TRL's own, with ``loss_weights``. TRL's ``_compute_loss`` runs with the TRL part of the
+list (so every TRL metric is logged by TRL itself), and our part is added from the same forwards with
+:func:`mallowspo_fast.preference_loss`, the dispersion coming from the reference's mean token entropies
+(``phi_star`` fixed, or ``"auto"``: estimated once over the training set before training). With
+``precompute_ref_log_probs=True`` the one reference pass
 before training stores the reference's log-probs *and* mean entropies (columns ``ref_chosen_entropy``,
 ``ref_rejected_entropy`` beside TRL's), so no reference model is needed during training. ``dispersion/*`` metrics
 are logged next to TRL's keys.
@@ -34,10 +35,12 @@ from .. import losses
 from ..ops.lm_head import param_shape
 from .trl_head import TESTED_TRL_VERSION, Recorder, patch_trainer
 
-__all__ = ["MALLOWS_LOSS_TYPES", "TESTED_TRL_VERSION", "MallowsDPOConfig", "MallowsDPOTrainer", "patch_dpo_trainer",
-           "estimate_phi_star"]
+__all__ = ["MALLOWS_LOSS_TYPES", "OUR_LOSS_TYPES", "TESTED_TRL_VERSION", "MallowsDPOConfig", "MallowsDPOTrainer",
+           "patch_dpo_trainer", "estimate_phi_star"]
 
 MALLOWS_LOSS_TYPES = ("mallows_theta", "mallows_phi", "mallows_ipo")
+# Our loss types the integration adds to TRL's: the MallowsPO ones and the official MallowsPO code's cauchy.
+OUR_LOSS_TYPES = (*MALLOWS_LOSS_TYPES, "cauchy")
 ENTROPY_COLUMNS = ("ref_chosen_entropy", "ref_rejected_entropy")
 _LOGP_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
@@ -46,8 +49,8 @@ _LOGP_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 class MallowsDPOConfig(DPOConfig):
     """TRL's ``DPOConfig`` plus the MallowsPO dispersion and the op's settings.
 
-    ``loss_type`` additionally accepts ``mallows_theta``, ``mallows_phi`` and ``mallows_ipo`` (alone or in a
-    list with TRL's own types and ``loss_weights``); ``padding_free=True`` packs the batches (TRL itself turns it
+    ``loss_type`` additionally accepts ``mallows_theta``, ``mallows_phi``, ``mallows_ipo`` and ``cauchy`` (alone or
+    in a list with TRL's own types and ``loss_weights``); ``padding_free=True`` packs the batches (TRL itself turns it
     off for DPO).
     """
 
@@ -73,7 +76,7 @@ class _Settings:
 
 
 def _uses_mallows(trainer: DPOTrainer) -> bool:
-    return any(t in MALLOWS_LOSS_TYPES for t in trainer.loss_types)
+    return any(t in OUR_LOSS_TYPES for t in trainer.loss_types)
 
 
 def _check(trainer: DPOTrainer, settings: _Settings) -> None:
@@ -209,10 +212,10 @@ def _compute_loss(trainer: DPOTrainer, inner, model, inputs, return_outputs):
     """TRL's ``_compute_loss`` (``inner``) for TRL's loss types, plus the MallowsPO terms of the same forwards."""
     pre_ent = {k: inputs.pop(k) for k in ENTROPY_COLUMNS if k in inputs}  # not model inputs
     pairs = list(zip(trainer.loss_types, trainer.loss_weights, strict=True))
-    ours = [(t, w) for t, w in pairs if t in MALLOWS_LOSS_TYPES]
+    ours = [(t, w) for t, w in pairs if t in OUR_LOSS_TYPES]
     if not ours:
         return inner(model, inputs, return_outputs)
-    theirs = [(t, w) for t, w in pairs if t not in MALLOWS_LOSS_TYPES] or [("sigmoid", 0.0)]
+    theirs = [(t, w) for t, w in pairs if t not in OUR_LOSS_TYPES] or [("sigmoid", 0.0)]
     with trainer._mpf_recorder.record() as recorded, _loss_types(trainer, *map(list, zip(*theirs, strict=True))):
         result = inner(model, inputs, return_outputs)
     expected = 1 if trainer.precompute_ref_logps else 2

@@ -191,6 +191,20 @@ def test_mixed_list_auto_phi_and_training(tmp_path):
                                        "dispersion/entropy_mean", "dispersion/empty_pairs", *TRL_KEYS))
 
 
+def test_cauchy_loss_through_trl(tmp_path):
+    """The official MallowsPO code's cauchy loss, -log(atan(beta h)/pi + 1/2), on TRL's forwards."""
+    trainer = make_trainer(MallowsDPOTrainer, "gpt2", dpo_args(tmp_path, loss_type=["cauchy"], max_steps=1))
+    batch = first_batch(trainer)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch).item()
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        labels = ids.masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
+        pol, ref = (mpf.sequence_logprobs(m(input_ids=ids, attention_mask=attn).logits[:, :-1].double(), labels,
+                                          backend="reference").logps for m in (trainer.model, trainer.ref_model))
+    margin = trainer.beta * ((pol - ref)[:4] - (pol - ref)[4:])
+    assert loss == pytest.approx(float((-torch.log(torch.atan(margin) / math.pi + 0.5)).mean()), rel=1e-5)
+
+
 def test_refusals(tmp_path):
     with pytest.raises(ValueError, match="phi_star must be a positive number or 'auto', found -1"):
         make_trainer(MallowsDPOTrainer, "llama", dpo_args(tmp_path / "c", MallowsDPOConfig,
