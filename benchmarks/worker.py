@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import json
 import sys
+from typing import Any
 
 import torch
 
@@ -20,6 +21,22 @@ from .harness import RESULT_MARKER, Result, run_in_process
 from .providers import Unavailable
 
 SUBJECTS = ("op", "linear", "loss_step", "train_step", "accumulation", "accuracy")
+
+
+def run_spec(spec: dict[str, Any]) -> Result:
+    """One case in the calling process: the subject's ``evaluate(spec)``, or its ``build_case(spec)``
+    timed by ``run_in_process``; a provider that cannot run here, or running out of memory, gives a
+    result that says so. The caller's thread count is left as it is."""
+    torch.manual_seed(spec.get("seed", 0))
+    module = importlib.import_module(f"benchmarks.{spec['subject']}")
+    try:
+        if hasattr(module, "evaluate"):
+            return module.evaluate(spec)
+        return run_in_process(module.build_case(spec), spec)
+    except Unavailable as e:
+        return Result(spec, e.status, notes=e.reason)
+    except torch.OutOfMemoryError as e:
+        return Result(spec, "error", notes=f"out of memory: {str(e).splitlines()[0][:200]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,17 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"worker: subject must be one of {SUBJECTS}, got {spec.get('subject')!r}")
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    torch.manual_seed(spec.get("seed", 0))
-    module = importlib.import_module(f"benchmarks.{spec['subject']}")
-    try:
-        if hasattr(module, "evaluate"):
-            result = module.evaluate(spec)
-        else:
-            result = run_in_process(module.build_case(spec), spec)
-    except Unavailable as e:
-        result = Result(spec, e.status, notes=e.reason)
-    except torch.OutOfMemoryError as e:
-        result = Result(spec, "error", notes=f"out of memory: {str(e).splitlines()[0][:200]}")
+    result = run_spec(spec)
     data = dataclasses.asdict(result)
     del data["spec"]
     print(RESULT_MARKER + json.dumps(data), flush=True)
