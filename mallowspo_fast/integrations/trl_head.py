@@ -76,7 +76,7 @@ class HeadSettings:
 def trl_head_settings(model: torch.nn.Module) -> HeadSettings | None:
     """The settings TRL's ``add_fused_lm_head`` installed on ``model`` (read from the closure of its forward), or
     None when ``model`` has no TRL fused head (already ours, or never patched by TRL)."""
-    fn = getattr(model.__dict__.get("forward"), "__func__", None)
+    fn = getattr(_base_forward(model), "__func__", None)
     code = getattr(fn, "__code__", None)  # functools.wraps renamed the function, not its code
     if code is None or code.co_name != "_fused_forward" or f"{os.sep}trl{os.sep}" not in code.co_filename:
         return None
@@ -87,6 +87,31 @@ def trl_head_settings(model: torch.nn.Module) -> HeadSettings | None:
                            f"version differs from the tested {TESTED_TRL_VERSION}")
     return HeadSettings(temperature=names["temperature"], cast_lm_head_to_fp32=names["cast_lm_head_to_fp32"],
                         outputs=tuple(names["outputs"]))
+
+
+def _base_forward(model: torch.nn.Module):
+    """The model's own instance forward, under accelerate's mixed-precision wrapper if it has one (accelerate keeps
+    the forward it wrapped as ``_original_forward``; a stale one, left by an earlier trainer, is ignored)."""
+    forward = model.__dict__.get("forward")
+    fn = getattr(forward, "__func__", forward)
+    code = getattr(fn, "__code__", None)
+    wrapper = code is not None and f"{os.sep}accelerate{os.sep}" in code.co_filename
+    return model.__dict__.get("_original_forward") if wrapper else forward
+
+
+def _is_ours(model: torch.nn.Module) -> bool:
+    return getattr(getattr(_base_forward(model), "__func__", None), "_mpf_fused_head", False)
+
+
+def _rewrap_like_accelerate(model: torch.nn.Module, accelerator) -> None:
+    """Put accelerate's mixed-precision wrapper (autocast, fp32 outputs) back around our forward, as
+    ``Accelerator.prepare_model`` put it around the one we replaced (TRL prepares the reference that way)."""
+    from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+
+    model._original_forward = model.forward
+    autocast = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
+    model.forward = types.MethodType(autocast(model.forward.__func__), model)
+    model.forward = types.MethodType(convert_outputs_to_fp32(model.forward.__func__), model)
 
 
 class Recorder:
@@ -229,6 +254,7 @@ def install_fused_head(model: torch.nn.Module, settings: HeadSettings = HeadSett
             recorder.outputs.append(out)
         return out
 
+    forward._mpf_fused_head = True
     model.forward = types.MethodType(forward, model)
     model._mpf_head_settings = settings
 
@@ -291,13 +317,14 @@ def patch_trainer(trainer, *, backend: str | None = None, chunk_size: int | None
     for model in _candidates(trainer):
         settings = trl_head_settings(model)
         if settings is None:
-            mine = getattr(model, "_mpf_head_settings", None)
-            if mine is not None:  # already ours
-                patched += 1
+            patched += _is_ours(model)  # already ours
             continue
         outputs = tuple(dict.fromkeys(settings.outputs + tuple(extra_outputs)))
+        wrapped = _base_forward(model) is not model.__dict__.get("forward")
         install_fused_head(model, replace(settings, outputs=outputs, backend=backend, chunk_size=chunk_size,
                                           padding_free=padding_free), recorder)
+        if wrapped:
+            _rewrap_like_accelerate(model, trainer.accelerator)
         patched += 1
     if not patched:
         raise ValueError(f"patch_trainer: no model of {type(trainer).__name__} carries TRL's fused LM head "

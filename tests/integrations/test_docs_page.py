@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import mallowspo_fast.integrations.trl as mtrl
-from mallowspo_fast.integrations import openrlhf, trl_utils, verl
+from mallowspo_fast.integrations import openrlhf, trl_head, trl_utils, verl
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "integrations.md"
 
@@ -20,12 +20,13 @@ def python_blocks(text: str) -> list[str]:
 def test_page_code_blocks_run(tmp_path, monkeypatch):
     text = PAGE.read_text(encoding="utf-8")
     blocks = python_blocks(text)
-    assert len(blocks) == 6
+    assert len(blocks) == 7
     monkeypatch.chdir(tmp_path)  # the trainers' output_dir
     namespace: dict = {}
     for i, block in enumerate(blocks):
         exec(compile(block, f"{PAGE.name}[block {i}]", "exec"), namespace)  # noqa: S102
     assert namespace["trainer"].state.global_step == 1
+    assert namespace["sft"].state.global_step == 1 and namespace["sft"].model._mpf_head_settings is not None
     assert isinstance(namespace["trainer"], namespace["MyTrainer"])
     logs = namespace["logs"]  # the MallowsDPOTrainer example's last step
     for key in ("loss", "rewards/margins", "dispersion/neg_log_mean"):
@@ -38,7 +39,8 @@ def test_page_names_the_public_functions_and_the_pinned_version():
         for name in module.__all__:
             if name != "masked_sum":
                 assert name in text, name
-    for name in ("MallowsDPOTrainer", "MallowsDPOConfig", "patch_dpo_trainer", *mtrl.MALLOWS_LOSS_TYPES):
+    for name in ("MallowsDPOTrainer", "MallowsDPOConfig", "patch_dpo_trainer", "patch_trainer",
+                 *mtrl.OUR_LOSS_TYPES):
         assert name in text, name
     assert f"TRL {mtrl.TESTED_TRL_VERSION}" in text
     assert "trl==" + mtrl.TESTED_TRL_VERSION in text

@@ -62,6 +62,21 @@ def test_trl_losses_three_steps_match_unpatched_trl(family, extra, tmp_path):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (step, key)
 
 
+def test_bf16_autocast_run_goes_through_our_head_and_matches_trl(tmp_path):
+    """With bf16=True accelerate wraps the reference's forward in autocast at TRL's construction: our head goes
+    under the same wrapper (the reference forward still runs in autocast) and the run agrees with TRL's."""
+    plain = make_trainer(DPOTrainer, "llama", dpo_args(tmp_path / "plain", bf16=True, max_steps=2))
+    plain.train()
+    ours = make_trainer(MallowsDPOTrainer, "llama", dpo_args(tmp_path / "ours", bf16=True, max_steps=2))
+    assert "_original_forward" in ours.ref_model.__dict__  # accelerate's wrapper, kept around our head
+    with counted_op() as spy:
+        ours.train()
+    assert spy.call_count == 2 * 2
+    for x, y in zip(step_logs(plain), step_logs(ours), strict=True):
+        for key in ("loss", "logps/chosen", "logps/rejected"):
+            assert y[key] == pytest.approx(x[key], rel=2e-2, abs=1e-2), key
+
+
 def test_patch_instance_of_user_subclass_matches(tmp_path):
     calls = []
 
