@@ -20,7 +20,7 @@ def _section(title: str) -> str:
 def test_integration_examples_import_names_that_exist() -> None:
     imports = re.findall(r"^from (mallowspo_fast\.integrations\.\w+) import (.+)$", _section(
         "Using the kernels from TRL, OpenRLHF and verl"), re.M)
-    assert {m for m, _ in imports} == {f"mallowspo_fast.integrations.{n}" for n in ("trl", "openrlhf", "verl")}
+    assert {m for m, _ in imports} == {f"mallowspo_fast.integrations.{n}" for n in ("trl", "trl_head", "openrlhf", "verl")}
     for module, names in imports:
         mod = importlib.import_module(module)
         missing = [n.strip() for n in names.split(",") if not hasattr(mod, n.strip())]
