@@ -6,22 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ops_helpers import DEVICE
 
 import mallowspo_fast as mpf
 from mallowspo_fast.ops import torch_path as tp
+from mallowspo_fast.testing import DEVICE
 
 BACKENDS = ["torch-eager", "torch-compiled", "triton", "reference"]
-
-
-@pytest.fixture
-def backend(request, monkeypatch):
-    name = request.param
-    if name.startswith("torch"):
-        monkeypatch.setenv(tp.COMPILE_ENV, "1" if name == "torch-compiled" else "0")
-        monkeypatch.setattr(tp._CompileState, "failed", None)
-        return "torch"
-    return name
 
 
 def _rows(vocab, n=13, seed=0, dtype=torch.float32):

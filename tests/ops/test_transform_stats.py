@@ -6,12 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ops_helpers import DEVICE, GRAD_ATOL, VALUE_ATOL, random_labels
 
 import mallowspo_fast as mpf
-from mallowspo_fast.ops import torch_path as tp
-from mallowspo_fast.ops.naive import naive_token_entropy, naive_token_logprobs, naive_token_stats
+from mallowspo_fast.ops.naive import naive_token_logprobs, naive_token_stats
 from mallowspo_fast.ops.transform import LogitTransform
+from mallowspo_fast.testing import (
+    DEVICE,
+    GRAD_ATOL,
+    VALUE_ATOL,
+    random_grads,
+    random_labels,
+    ref_entropy,
+    ref_token,
+)
 
 # "torch-eager" and "torch-compiled" force the two routes of the torch backend.
 BACKENDS = ["torch-eager", "torch-compiled", "triton", "reference"]
@@ -25,24 +32,11 @@ TRANSFORMS = {
 }
 
 
-@pytest.fixture
-def backend(request, monkeypatch):
-    name = request.param
-    if name.startswith("torch"):
-        monkeypatch.setenv(tp.COMPILE_ENV, "1" if name == "torch-compiled" else "0")
-        monkeypatch.setattr(tp._CompileState, "failed", None)
-        if name == "torch-compiled" and not tp._compiler_available():
-            pytest.fail("the compiled route needs a C++ compiler, and this machine has none")
-        return "torch"
-    return name
-
-
 def _inputs(dtype, shape=(3, 7, 257), seed=0, scale=4.0):
     gen = torch.Generator().manual_seed(seed)
     logits = (torch.randn(shape, generator=gen) * scale).to(DEVICE, dtype)
     labels = random_labels(shape[:-1], shape[-1], generator=gen)
-    g = torch.randn(shape[:-1], generator=gen).to(DEVICE)
-    h = torch.randn(shape[:-1], generator=gen).to(DEVICE)
+    g, h = random_grads(shape[:-1], gen)
     return logits, labels, g, h
 
 
@@ -54,9 +48,7 @@ def test_token_logprobs_with_transforms(backend, kw, dtype):
     x = logits.clone().requires_grad_(True)
     out = mpf.token_logprobs(x, labels, backend=backend, **kw)
     (out.logps * g + out.entropy * h).sum().backward()
-    xr = logits.double().requires_grad_(True)
-    tf = LogitTransform(**kw)
-    ref_lp, ref_h = naive_token_logprobs(xr, labels, compute_dtype=torch.float64, transform=tf)
+    xr, ref_lp, ref_h = ref_token(logits, labels, transform=LogitTransform(**kw))
     (ref_lp * g.double() + ref_h * h.double()).sum().backward()
     torch.testing.assert_close(out.logps.double(), ref_lp, atol=VALUE_ATOL[dtype], rtol=1e-5)
     torch.testing.assert_close(out.entropy.double(), ref_h, atol=VALUE_ATOL[dtype], rtol=1e-5)
@@ -70,8 +62,7 @@ def test_entropy_and_lse_without_labels_with_transforms(backend, kw):
     x = logits.clone().requires_grad_(True)
     out = mpf.token_entropy(x, backend=backend, **kw)
     (out.entropy * h + out.lse * g).sum().backward()
-    xr = logits.double().requires_grad_(True)
-    ref_h, ref_lse = naive_token_entropy(xr, compute_dtype=torch.float64, transform=LogitTransform(**kw))
+    xr, ref_h, ref_lse = ref_entropy(logits, transform=LogitTransform(**kw))
     (ref_h * h.double() + ref_lse * g.double()).sum().backward()
     torch.testing.assert_close(out.entropy.double(), ref_h, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
@@ -137,8 +128,7 @@ def test_softcap_saturates_without_nan(backend):
     x = logits.clone().requires_grad_(True)
     out = mpf.token_logprobs(x, labels, softcap=5.0, backend=backend)
     (out.logps * g + out.entropy * h).sum().backward()
-    xr = logits.double().requires_grad_(True)
-    ref_lp, ref_h = naive_token_logprobs(xr, labels, compute_dtype=torch.float64, transform=LogitTransform(softcap=5.0))
+    xr, ref_lp, ref_h = ref_token(logits, labels, transform=LogitTransform(softcap=5.0))
     (ref_lp * g.double() + ref_h * h.double()).sum().backward()
     assert torch.isfinite(x.grad).all()
     torch.testing.assert_close(out.logps.double(), ref_lp, atol=1e-5, rtol=1e-5)
