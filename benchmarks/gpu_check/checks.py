@@ -21,9 +21,9 @@ What is checked, for each dtype (fp32, bf16, fp16, fp64) and V (the plan is
 * the per-sequence reduction at every block size it can launch (fp32 values; fp64 for fp64 logits);
 * rows·V beyond 2³¹ elements (int64 offsets), on sampled rows.
 
-Tolerances are those of ``tests/ops`` (a test keeps them equal; fp64: those of
-``tests/ops/test_triton_backend.py``), scaled for the transforms: values carry eps·max|z| and gradients
-the slope dz/dy. A row passes when every element satisfies ``abs(x - ref) <= atol + rtol·abs(ref)``
+The references, the inputs and the tolerances are those of the test suite (one copy:
+:mod:`mallowspo_fast.testing`), the tolerances scaled for the transforms: values carry eps·max|z| and
+gradients the slope dz/dy. A row passes when every element satisfies ``abs(x - ref) <= atol + rtol·abs(ref)``
 (memory-mode parameter gradients: ``<= rel·max abs(ref) + K·u·(abs(A)·abs(B))``); ``worst`` is the
 largest ratio of an error to its allowance (> 1 fails).
 """
@@ -37,25 +37,23 @@ from typing import Any
 
 import torch
 
+from mallowspo_fast.testing import (
+    DTYPES_BY_NAME,
+    NO_LABELS_GRAD_FACTOR,
+    linear_inputs,
+    random_grads,
+    ref_entropy,
+    ref_linear,
+    ref_sequence,
+    ref_stats,
+    ref_token,
+    scaled_tolerances,
+    sequence_labels,
+    shifted_logits,
+    tolerances,
+)
+
 MARKER = "@@GPU_CHECK@@"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-# Values (logp, H, lse, statistics) are fp32 whatever the input (float64 for fp64 logits); the reference
-# sees the same rounded inputs in float64.
-VALUE_ATOL = {"fp32": 1e-5, "bf16": 1e-4, "fp16": 1e-4, "fp64": 1e-10}
-VALUE_RTOL = {"fp32": 1e-5, "bf16": 1e-5, "fp16": 1e-5, "fp64": 1e-10}
-# Gradients are written in the logits dtype: that dtype's rounding of values <= ~1.
-GRAD_ATOL = {"fp32": 1e-6, "bf16": 8e-3, "fp16": 1e-3, "fp64": 1e-12}
-GRAD_RTOL = {"fp32": 1e-2, "bf16": 1e-2, "fp16": 1e-2, "fp64": 1e-8}
-# Without labels the entropy gradient p·(log p + H) exceeds 1 in magnitude: tests/ops/test_entropy_values.py
-# allows 4x the gradient tolerance.
-NO_LABELS_GRAD_FACTOR = 4
-# Memory-mode parameter gradients (matmul outputs): the tests' bound relative to the largest reference
-# entry (fp16 keeps bf16's, its rounding is finer) plus the worst-case rounding of a K-term accumulation,
-# K·u·(|A|·|B|) elementwise (u = 2^-24 for fp32 accumulation, 2^-53 for float64; any summation order,
-# split-K included), which the tests' small V never reach: K = V for the hidden states' gradient.
-LINEAR_GRAD_REL = {"fp32": 2e-6, "bf16": 1.2e-2, "fp16": 1.2e-2, "fp64": 1e-12}
-UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-24, "fp16": 2.0**-24, "fp64": 2.0**-53}
 IGNORE = -100
 UPSTREAMS = ("both", "logp", "entropy")
 
@@ -140,20 +138,15 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make_labels(batch: int, seq: int, vocab: int, gen: torch.Generator, device: str, high: int | None = None,
-                mask_frac: float = 0.25):
-    """Random labels, a fraction masked at random and, from 3 sequences on, the last one all masked."""
-    labels = torch.randint(0, high or vocab, (batch, seq), generator=gen)
-    labels[torch.rand(batch, seq, generator=gen) < mask_frac] = IGNORE
-    labels[0, 0] = 0  # never an all-masked batch
-    if batch >= 3:
-        labels[-1] = IGNORE
-    return labels.to(device)
+def make_labels(batch: int, seq: int, vocab: int, gen: torch.Generator, device: str, **kwargs) -> torch.Tensor:
+    """Labels of the checks: a fraction masked at random, the first never (no all-masked batch) and, from
+    3 sequences on, the last sequence all masked (``kwargs``: those of ``sequence_labels``)."""
+    return sequence_labels(batch, seq, vocab, gen, mask_last_sequence=batch >= 3, device=device, **kwargs)
 
 
-def make_logits(batch: int, seq: int, vocab: int, dtype: str, gen, device: str) -> torch.Tensor:
+def make_logits(batch: int, seq: int, vocab: int, dtype: str, gen: torch.Generator, device: str) -> torch.Tensor:
     """[B, T + 1, V] leaf logits of std 2 (the op sees the shifted view [:, :-1])."""
-    return (2.0 * torch.randn(batch, seq + 1, vocab, generator=gen)).to(device, DTYPES[dtype])
+    return shifted_logits(batch, seq, vocab, DTYPES_BY_NAME[dtype], gen, device=device)
 
 
 def transform_of(spec: dict[str, Any]):
@@ -170,33 +163,20 @@ def op_options(spec: dict[str, Any]) -> dict[str, Any]:
     return {**opts, "return_stats": True} if spec.get("stats") else opts
 
 
-def scales(x64: torch.Tensor, transform) -> tuple[float, float]:
-    """(value, gradient) tolerance multipliers: values carry eps·max|z| (beyond |z| = 10) and gradients
-    are multiplied by the slope dz/dy (beyond 1)."""
-    z = transform.apply(x64.detach())
-    finite = z[torch.isfinite(z)]
-    zmax = float(finite.abs().max()) if finite.numel() else 0.0
-    slope = abs(transform.post * (transform.pre if transform.has_softcap else 1.0))
-    return max(1.0, zmax / 10), max(1.0, slope)
-
-
 def reference(logits: torch.Tensor, labels: torch.Tensor, sequence: bool, transform=None):
     """float64 naive op on the same (rounded) values: (leaf float64 logits, outputs)."""
-    from mallowspo_fast.ops.naive import naive_sequence_logprobs, naive_token_logprobs
+    if sequence:
+        return ref_sequence(logits, labels, IGNORE, transform=transform)
+    x, logps, entropy = ref_token(logits, labels, IGNORE, transform=transform)
+    return x, (logps, entropy)
 
-    x = logits.detach().double().requires_grad_(True)
-    fn = naive_sequence_logprobs if sequence else naive_token_logprobs
-    return x, fn(x, labels, IGNORE, compute_dtype=torch.float64, transform=transform)
 
-
-def compare_stats(row: Row, out, x64: torch.Tensor, labels, transform, dtype: str, scale: float) -> None:
-    """log Σp², mean logit and (with labels) is_top1 of a ``return_stats`` call against float64."""
-    from mallowspo_fast.ops.naive import naive_token_stats
-
-    _, _, sq, mean, top1 = naive_token_stats(x64.detach(), labels, IGNORE, transform, torch.float64)
-    atol, rtol = VALUE_ATOL[dtype] * scale, VALUE_RTOL[dtype]
-    row.compare("log_sum_sq_probs", out.log_sum_sq_probs, sq, atol, rtol)
-    row.compare("mean_logits", out.mean_logits, mean, atol, rtol)
+def compare_stats(row: Row, out, logits: torch.Tensor, labels, transform, tol) -> None:
+    """log Σp², mean logit and (with labels) is_top1 of a ``return_stats`` call against float64, within
+    the value tolerances of ``tol``."""
+    sq, mean, top1 = ref_stats(logits, labels, IGNORE, transform)
+    row.compare("log_sum_sq_probs", out.log_sum_sq_probs, sq, tol.value_atol, tol.value_rtol)
+    row.compare("mean_logits", out.mean_logits, mean, tol.value_atol, tol.value_rtol)
     if labels is not None:
         row.require("is_top1", torch.equal(out.is_top1.cpu(), top1.cpu()))
 
@@ -218,10 +198,6 @@ def _inject(spec: dict[str, Any], logps: torch.Tensor, atol: float) -> torch.Ten
     return logps
 
 
-def _grads(shape, gen, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randn(shape, generator=gen).to(device), torch.randn(shape, generator=gen).to(device)
-
-
 # ------------------------------------------------------------------------------------------- checks
 
 
@@ -241,9 +217,8 @@ def check_logits_op(spec: dict[str, Any], device: str) -> dict[str, Any]:
     out = getattr(mpf, spec["op"])(logits, labels, backend="triton", inplace_backward=spec["inplace"],
                                    **op_options(spec))
     xr, ref = reference(logits, labels, sequence, transform)
-    vscale, gscale = scales(xr, transform)
-    row = Row(spec)
-    atol, rtol = VALUE_ATOL[dtype] * vscale, VALUE_RTOL[dtype]
+    row, tol = Row(spec), scaled_tolerances(dtype, xr, transform)
+    atol, rtol = tol.value_atol, tol.value_rtol
     # A per-sequence sum adds up to T token errors.
     logp_atol = atol * seq if sequence else atol
     logps = _inject(spec, out.logps, logp_atol)
@@ -252,11 +227,11 @@ def check_logits_op(spec: dict[str, Any], device: str) -> dict[str, Any]:
     if sequence:
         row.require("num_tokens", torch.equal(out.num_tokens.cpu(), ref[2].cpu()))
     if spec.get("stats"):
-        compare_stats(row, out, xr, labels, transform, dtype, vscale)
-    grads = _grads(out.logps.shape, gen, device)
+        compare_stats(row, out, xr, labels, transform, tol)
+    grads = random_grads(out.logps.shape, gen, device)
     upstream_loss((logps, out.entropy), grads, spec["upstream"]).backward()
     upstream_loss(ref, tuple(g.double() for g in grads), spec["upstream"]).backward()
-    row.compare("grad", leaf.grad[:, :-1], xr.grad, GRAD_ATOL[dtype] * vscale * gscale, GRAD_RTOL[dtype])
+    row.compare("grad", leaf.grad[:, :-1], xr.grad, tol.grad_atol, tol.grad_rtol)
     row.require("grad dtype", leaf.grad.dtype == leaf.dtype)
     row.require("zero grad off the view", bool((leaf.grad[:, -1] == 0).all()))
     return row.result()
@@ -281,46 +256,37 @@ def _chunked_rounded_logits(hidden, weight, labels, chunk_size: int) -> torch.Te
 def check_memory_mode(spec: dict[str, Any], device: str) -> dict[str, Any]:
     """linear_token_logprobs / linear_sequence_logprobs over several chunks against float64 on the
     logits the op computes (straight-through for the gradients of hidden and weight)."""
-    import torch.nn.functional as F
-
     import mallowspo_fast as mpf
-    from mallowspo_fast.ops.naive import naive_sequence_logprobs, naive_token_logprobs
 
     dtype, vocab, sequence = spec["dtype"], spec["vocab"], spec["op"] == "linear_sequence_logprobs"
     batch, seq = spec["shape"]
     dim, chunk = spec["hidden"], spec["chunk_size"]
     gen = _generator(spec["seed"])
-    hidden = torch.randn(batch, seq, dim, generator=gen).to(device, DTYPES[dtype]).requires_grad_(True)
-    weight = (torch.randn(vocab, dim, generator=gen) * 2 * dim**-0.5).to(device, DTYPES[dtype])
+    hidden, weight, _ = linear_inputs(batch, seq, dim, vocab, DTYPES_BY_NAME[dtype], gen, device=device)
+    hidden.requires_grad_(True)
     weight.requires_grad_(True)
     labels = make_labels(batch, seq, vocab, gen, device)
     out = getattr(mpf, spec["op"])(hidden, weight, labels, chunk_size=chunk, backend="triton", **op_options(spec))
-    h64 = hidden.detach().double().requires_grad_(True)
-    w64 = weight.detach().double().requires_grad_(True)
-    exact = F.linear(h64, w64)
-    logits = exact + (_chunked_rounded_logits(hidden, weight, labels, chunk) - exact).detach()
-    logits.retain_grad()
     transform = transform_of(spec)
-    # On ``logits`` itself (not a detached copy): the gradients flow on to h64 and w64.
-    fn = naive_sequence_logprobs if sequence else naive_token_logprobs
-    ref = fn(logits, labels, IGNORE, compute_dtype=torch.float64, transform=transform)
-    vscale, _ = scales(logits, transform)
-    row = Row(spec)
-    atol, rtol = VALUE_ATOL[dtype] * vscale, VALUE_RTOL[dtype]
+    h64, w64, _, logits, ref = ref_linear(hidden, weight, None, labels, sequence=sequence, transform=transform,
+                                          rounded_logits=_chunked_rounded_logits(hidden, weight, labels, chunk))
+    # The parameter gradients are matmul outputs with tolerances of their own: only the values are scaled.
+    row, tol = Row(spec), scaled_tolerances(dtype, logits, transform)
+    atol, rtol = tol.value_atol, tol.value_rtol
     logp_atol = atol * (seq if sequence else 1)
     logps = _inject(spec, out.logps, logp_atol)
     row.compare("logp", logps, ref[0], logp_atol, rtol)
     row.compare("entropy", out.entropy, ref[1], atol, rtol)
     if spec.get("stats"):
-        compare_stats(row, out, logits, labels, transform, dtype, vscale)
-    grads = _grads(out.logps.shape, gen, device)
+        compare_stats(row, out, logits, labels, transform, tol)
+    grads = random_grads(out.logps.shape, gen, device)
     upstream_loss((logps, out.entropy), grads, spec["upstream"]).backward()
     upstream_loss(ref, tuple(g.double() for g in grads), spec["upstream"]).backward()
     # |dL/dlogits| (float64 reference) times |weight| / |hidden|: the scale of each product's rounding.
     dz = logits.grad.detach().abs().reshape(-1, vocab)
     h_abs, w_abs = h64.detach().abs().reshape(-1, dim), w64.detach().abs()
     rows = int((labels != IGNORE).sum())
-    u, rel = UNIT_ROUNDOFF[dtype], LINEAR_GRAD_REL[dtype]
+    u, rel = tol.unit_roundoff, tol.linear_grad_rel
     row.compare_matmul("grad hidden", hidden.grad, h64.grad, rel, (dz @ w_abs).view(hidden.shape), vocab, u)
     row.compare_matmul("grad weight", weight.grad, w64.grad, rel, dz.t() @ h_abs, rows, u)
     row.require("grad dtype", hidden.grad.dtype == weight.grad.dtype == hidden.dtype)
@@ -346,16 +312,15 @@ def check_neg_inf(spec: dict[str, Any], device: str) -> dict[str, Any]:
     transform = transform_of(spec)
     out = mpf.token_logprobs(leaf[:, :-1], labels, backend="triton", **op_options(spec))
     xr, ref = reference(leaf[:, :-1], labels, False, transform)
-    vscale, gscale = scales(xr, transform)
-    row = Row(spec)
-    atol, rtol = VALUE_ATOL[dtype] * vscale, VALUE_RTOL[dtype]
+    row, tol = Row(spec), scaled_tolerances(dtype, xr, transform)
+    atol, rtol = tol.value_atol, tol.value_rtol
     logps = _inject(spec, out.logps, atol)
     row.compare("logp", logps, ref[0], atol, rtol)
     row.compare("entropy", out.entropy, ref[1], atol, rtol)
-    grads = _grads(labels.shape, gen, device)
+    grads = random_grads(labels.shape, gen, device)
     upstream_loss((logps, out.entropy), grads, "both").backward()
     upstream_loss(ref, tuple(g.double() for g in grads), "both").backward()
-    row.compare("grad", leaf.grad[:, :-1], xr.grad, GRAD_ATOL[dtype] * vscale * gscale, GRAD_RTOL[dtype])
+    row.compare("grad", leaf.grad[:, :-1], xr.grad, tol.grad_atol, tol.grad_rtol)
     row.require("finite", bool(torch.isfinite(leaf.grad).all() and torch.isfinite(out.entropy).all()))
     row.require("zero grad on -inf", bool((leaf.grad[..., vocab - pad:] == 0).all()))
     return row.result()
@@ -397,7 +362,8 @@ def check_out_of_range(spec: dict[str, Any], device: str) -> dict[str, Any]:
     xr, ref = reference(logits, good_labels, False, transform)
     good = ~bad & (labels != IGNORE)
     row.require("NaN for out-of-range", bool(torch.isnan(out.logps[bad]).all()))
-    atol, rtol = VALUE_ATOL[dtype], VALUE_RTOL[dtype]
+    tol = tolerances(dtype)
+    atol, rtol = tol.value_atol, tol.value_rtol
     logps = _inject(spec, out.logps, atol)
     row.compare("logp", logps[good], ref[0][good], atol, rtol)
     row.compare("entropy", out.entropy[good], ref[1][good], atol, rtol)
@@ -408,7 +374,7 @@ def check_out_of_range(spec: dict[str, Any], device: str) -> dict[str, Any]:
     if device == "cuda":
         torch.cuda.synchronize()  # a fault in either kernel surfaces here
     row.require("finite grad", bool(torch.isfinite(leaf.grad).all()))
-    row.compare("grad", leaf.grad[:, :-1][good], xr.grad[good], GRAD_ATOL[dtype], GRAD_RTOL[dtype])
+    row.compare("grad", leaf.grad[:, :-1][good], xr.grad[good], tol.grad_atol, tol.grad_rtol)
     return row.result()
 
 
@@ -417,7 +383,7 @@ def check_reduce_blocks(spec: dict[str, Any], device: str) -> dict[str, Any]:
     values; of fp64 values for fp64 logits)."""
     import mallowspo_fast as mpf
 
-    row = Row(spec)
+    row, tol = Row(spec), tolerances(spec["dtype"])
     gen = _generator(spec["seed"])
     vocab, batch, dtype = spec["vocab"], spec["shape"][0], spec["dtype"]
     for seq in spec["seqs"]:
@@ -426,7 +392,7 @@ def check_reduce_blocks(spec: dict[str, Any], device: str) -> dict[str, Any]:
         labels = make_labels(batch, seq, vocab, gen, device, mask_frac=spec.get("mask_frac", 0.25))
         out = mpf.sequence_logprobs(logits, labels, backend="triton")
         _, ref = reference(logits, labels, True)
-        atol, rtol = VALUE_ATOL[dtype], VALUE_RTOL[dtype]
+        atol, rtol = tol.value_atol, tol.value_rtol
         row.compare("logp", _inject(spec, out.logps, atol * seq), ref[0], atol * seq, rtol)
         row.compare("entropy", out.entropy, ref[1], atol, rtol)
         row.require("num_tokens", torch.equal(out.num_tokens.cpu(), ref[2].cpu()))
@@ -438,29 +404,28 @@ def check_large_offsets(spec: dict[str, Any], device: str) -> dict[str, Any]:
     """[rows, V] logits with rows·V beyond 2³¹ elements (on CUDA): sampled rows, including the two
     around the 2³¹-element boundary and the last ones, against float64."""
     import mallowspo_fast as mpf
-    from mallowspo_fast.ops.naive import naive_token_logprobs
 
     rows, vocab, dtype = spec["rows"], spec["vocab"], spec["dtype"]
+    tol = tolerances(dtype)
     gen = torch.Generator(device=device).manual_seed(spec["seed"])
-    leaf = torch.randn(1, rows, vocab, generator=gen, device=device, dtype=DTYPES[dtype]).requires_grad_(True)
+    leaf = torch.randn(1, rows, vocab, generator=gen, device=device, dtype=DTYPES_BY_NAME[dtype]).requires_grad_(True)
     labels = torch.randint(0, vocab, (1, rows), generator=gen, device=device)
     labels[:, ::4] = IGNORE
     out = mpf.token_logprobs(leaf, labels, backend="triton")
     g = torch.randn(1, rows, generator=gen, device=device)
     h = torch.randn(1, rows, generator=gen, device=device)
-    logps = _inject(spec, out.logps, VALUE_ATOL[dtype])
+    logps = _inject(spec, out.logps, tol.value_atol)
     ((logps * g).sum() + (out.entropy * h).sum()).backward()
     boundary = (2**31) // vocab
     sample = sorted({0, 1, 2, 3, min(boundary, rows - 2), min(boundary + 1, rows - 1), rows - 2, rows - 1})
     idx = torch.tensor(sample, device=device)
-    x = leaf.detach()[0, idx].double().requires_grad_(True)
-    ref = naive_token_logprobs(x, labels[0, idx], IGNORE, 1.0, compute_dtype=torch.float64)
+    x, *ref = ref_token(leaf[0, idx], labels[0, idx], IGNORE)
     ((ref[0] * g[0, idx].double()).sum() + (ref[1] * h[0, idx].double()).sum()).backward()
     row = Row(spec)
-    atol, rtol = VALUE_ATOL[dtype], VALUE_RTOL[dtype]
+    atol, rtol = tol.value_atol, tol.value_rtol
     row.compare("logp", logps[0, idx], ref[0], atol, rtol)
     row.compare("entropy", out.entropy[0, idx], ref[1], atol, rtol)
-    row.compare("grad", leaf.grad[0, idx], x.grad, GRAD_ATOL[dtype], GRAD_RTOL[dtype])
+    row.compare("grad", leaf.grad[0, idx], x.grad, tol.grad_atol, tol.grad_rtol)
     if rows * vocab <= 2**31:
         row.notes.append(f"rows·V = {rows * vocab:,} stays below 2³¹ (tiny dry-run shape)")
     return row.result()
@@ -471,7 +436,6 @@ def check_no_labels(spec: dict[str, Any], device: str) -> dict[str, Any]:
     position of the shifted view, upstream grads on both, on lse only or on the entropies only; one
     transform (and the statistics without labels with ``stats``)."""
     import mallowspo_fast as mpf
-    from mallowspo_fast.ops.naive import naive_token_entropy
 
     dtype, vocab = spec["dtype"], spec["vocab"]
     batch, seq = spec["shape"]
@@ -484,23 +448,20 @@ def check_no_labels(spec: dict[str, Any], device: str) -> dict[str, Any]:
     else:
         out = mpf.token_logprobs(logits, None, **kwargs)
     transform = transform_of(spec)
-    x = logits.detach().double().requires_grad_(True)
-    ref = naive_token_entropy(x, compute_dtype=torch.float64, transform=transform)
-    vscale, gscale = scales(x, transform)
-    row = Row(spec)
-    atol, rtol = VALUE_ATOL[dtype] * vscale, VALUE_RTOL[dtype]
+    x, *ref = ref_entropy(logits, transform=transform)
+    row, tol = Row(spec), scaled_tolerances(dtype, x, transform)
+    atol, rtol = tol.value_atol, tol.value_rtol
     entropy = _inject(spec, out.entropy, atol)
     row.compare("entropy", entropy, ref[0], atol, rtol)
     row.compare("lse", out.lse, ref[1], atol, rtol)
     if spec.get("stats"):
-        compare_stats(row, out, x, None, transform, dtype, vscale)
-    grads = _grads(entropy.shape, gen, device)
+        compare_stats(row, out, x, None, transform, tol)
+    grads = random_grads(entropy.shape, gen, device)
     # upstream_loss weighs (first, second) output as (logp, entropy): here (entropy, lse).
     upstream = {"both": "both", "entropy": "logp", "lse": "entropy"}[spec["upstream"]]
     upstream_loss((entropy, out.lse), grads, upstream).backward()
     upstream_loss(ref, tuple(g.double() for g in grads), upstream).backward()
-    row.compare("grad", leaf.grad[:, :-1], x.grad, GRAD_ATOL[dtype] * NO_LABELS_GRAD_FACTOR * vscale * gscale,
-                GRAD_RTOL[dtype])
+    row.compare("grad", leaf.grad[:, :-1], x.grad, tol.grad_atol * NO_LABELS_GRAD_FACTOR, tol.grad_rtol)
     row.require("zero grad off the view", bool((leaf.grad[:, -1] == 0).all()))
     return row.result()
 

@@ -21,7 +21,9 @@ import time
 import traceback
 from typing import Any
 
-from .checks import CHECKS, DTYPE_NAMES, DTYPES, UPSTREAMS, emit
+from mallowspo_fast.testing import DTYPE_NAMES, DTYPES_BY_NAME
+
+from .checks import CHECKS, UPSTREAMS, emit
 
 # Options of a check and their defaults; a check's name lists those it changes, in this order (the
 # upstream grads last, so that no check's name is a prefix of another's: --inject-error matches substrings).
@@ -142,7 +144,7 @@ def expected_variants(dtype: str | None, vocabs: list[int], reduce: list[str] | 
         return {(name, d, block, warps) for d in reduce or ["fp32"]
                 for name, _fn, _sig, _c, warps, block in aot._reduce_variants(d)}
     return {(name, dtype, block, warps) for vocab in vocabs
-            for name, _fn, _sig, _c, warps, block in aot._variants(DTYPES[dtype], vocab)}
+            for name, _fn, _sig, _c, warps, block in aot._variants(DTYPES_BY_NAME[dtype], vocab)}
 
 
 def coverage_row(dtype: str | None, vocabs: list[int], launches: set[tuple],

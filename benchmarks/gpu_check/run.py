@@ -7,7 +7,6 @@ table), 2 on a usage error (e.g. no CUDA device without --dry-run), 0 otherwise.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import shlex
@@ -18,9 +17,10 @@ from typing import Any
 
 import torch
 
-from ..harness import Result, device_name, log, run_in_process, run_isolated
+from ..harness import Result, _child_env, device_name, log, run_isolated
 from ..op import PASSES
-from ..providers import LINEAR_PROVIDERS, PROVIDERS, Unavailable, availability, linear_availability
+from ..providers import LINEAR_PROVIDERS, PROVIDERS, availability, linear_availability
+from ..worker import run_spec
 from . import correctness, plan, results
 from .budget import Budget, PlanCase, run_plan
 from .checks import MARKER
@@ -49,16 +49,6 @@ Results: <out>/<gpu-slug>_<YYYY-MM-DD>/ (results.md, CSVs, PNGs); the default ou
 docs/results/benchmarks, ready for `git add`. Exit code 1 when a correctness check fails."""
 
 
-def _child_env(dry_run: bool) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
-    if dry_run:
-        env["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: the child sets nothing itself
-    else:
-        env.pop("TRITON_INTERPRET", None)
-    return env
-
-
 def _text(out: Any) -> str:
     return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
 
@@ -70,10 +60,12 @@ def run_correctness(case: PlanCase, budget: Budget, dry_run: bool) -> list[dict[
     left = budget.remaining()
     group["deadline"] = time.time() + max(0.0, left - min(GROUP_MARGIN_S, left / 4))
     cmd = [sys.executable, "-m", "benchmarks.gpu_check.correctness", json.dumps(group)]
+    # The benchmark cases' environment; the interpreter flag is read when the kernels are decorated, so
+    # the child must find it set (dry run) or unset before it imports anything.
+    env = _child_env({"device": group["device"], "env": {"TRITON_INTERPRET": "1" if dry_run else None}})
     timed_out = False
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(dry_run), timeout=max(1.0, left),
-                              cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(1.0, left), cwd=ROOT)
         out, err, rc = proc.stdout, proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
         out, err, rc, timed_out = _text(e.stdout), _text(e.stderr), None, True
@@ -93,14 +85,11 @@ def run_correctness(case: PlanCase, budget: Budget, dry_run: bool) -> list[dict[
 
 
 def run_here(spec: dict[str, Any]) -> Result:
-    """A sweep case in this process (dry run: a process per case would cost more than the case; on
-    CUDA every case gets its own process so that peak memory and compiled state belong to it alone)."""
-    torch.manual_seed(spec.get("seed", 0))
-    module = importlib.import_module(f"benchmarks.{spec['subject']}")
+    """A sweep case in this process, as the benchmark worker runs it (dry run: a process per case would
+    cost more than the case; on CUDA every case gets its own process so that peak memory and compiled
+    state belong to it alone)."""
     try:
-        return run_in_process(module.build_case(spec), spec)
-    except Unavailable as e:
-        return Result(spec, e.status, notes=e.reason)
+        return run_spec(spec)
     except Exception as e:  # noqa: BLE001  (one failing case is a row, not a lost run)
         return Result(spec, "error", notes=f"{type(e).__name__}: {str(e)[:300]}")
 

@@ -16,7 +16,8 @@ import torch
 from benchmarks import linear, op
 from benchmarks.gpu_check import checks, correctness, plan, results, run
 from benchmarks.gpu_check.budget import Budget, PlanCase, run_plan
-from benchmarks.harness import Result
+from benchmarks.harness import Result, run_isolated
+from mallowspo_fast import testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TODAY = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
@@ -184,25 +185,17 @@ def test_sweep_specs_are_the_ones_the_suite_builds(monkeypatch):
 # ---------------------------------------------------------------------------------- the comparison
 
 
-def test_tolerances_are_those_of_the_op_tests(monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "tests", "ops"))
-    import ops_helpers
-    import test_linear_values
-    import test_triton_backend
-
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-    # fp32 / bf16 / fp16: the op tests'; fp64 (and the relative tolerances): the backend tests'.
-    assert {names[k]: v for k, v in ops_helpers.VALUE_ATOL.items()} == {k: checks.VALUE_ATOL[k] for k in
-                                                                       ("fp32", "bf16", "fp16")}
-    assert {names[k]: v for k, v in ops_helpers.GRAD_ATOL.items()} == {k: checks.GRAD_ATOL[k] for k in
-                                                                      ("fp32", "bf16", "fp16")}
-    for ours, theirs in ((checks.VALUE_ATOL, test_triton_backend.VALUE_ATOL),
-                         (checks.VALUE_RTOL, test_triton_backend.VALUE_RTOL),
-                         (checks.GRAD_ATOL, test_triton_backend.GRAD_ATOL),
-                         (checks.GRAD_RTOL, test_triton_backend.GRAD_RTOL)):
-        assert {names[k]: v for k, v in theirs.items()} == ours
-    for dtype, rel in test_linear_values.GRAD_REL.items():
-        assert checks.LINEAR_GRAD_REL[names[dtype]] == rel
+def test_checks_read_the_tolerances_of_the_test_suite(monkeypatch):
+    """One copy: a tolerance changed in mallowspo_fast.testing is the one a check applies."""
+    spec = {"check": "values/token_logprobs/fp64/V=40", "kind": "values", "op": "token_logprobs", "dtype": "fp64",
+            "vocab": 40, "shape": [3, 3], "options": "", "seed": 0, "inject": None, "temperature": 1.0,
+            "inplace": False, "upstream": "both"}
+    row = checks.check_logits_op(spec, "cpu")
+    assert row["status"] == "pass"
+    assert row["tolerances"]["logp"] == "1e-10 + 1e-10·abs(ref)"
+    assert row["tolerances"]["grad"] == "1e-12 + 1e-08·abs(ref)"
+    monkeypatch.setitem(testing.VALUE_ATOL, torch.float64, 3e-7)
+    assert checks.check_logits_op(spec, "cpu")["tolerances"]["logp"] == "3e-07 + 1e-10·abs(ref)"
 
 
 def test_excess_is_the_worst_error_over_its_allowance():
@@ -284,3 +277,25 @@ def test_a_sweep_case_of_a_real_run_gets_its_own_process_and_the_time_left_as_it
     long = PlanCase("op", "op fwd long", 1.0, {"spec": {**case.payload["spec"], "repeats": 10**6}})
     late = run.run_sweep_case(long, Budget(0.5, FakeClock()), dry_run=False)  # stopped after 1 s
     assert late.status == "error" and late.notes == "timed out after 1 s (the time budget)"
+
+
+def test_a_dry_run_sweep_case_runs_in_process_as_the_worker_runs_it_in_its_own():
+    s = plan.dry_settings()
+    for provider in ("ours", "liger"):  # a case that runs; one that cannot (not installed, or its reason)
+        spec = plan.op_spec(s, provider, "fwd", 16, 64, "fp32")
+        here, there = run.run_here(spec), run_isolated(spec)
+        assert (here.status, here.notes, here.samples, here.bytes_moved, here.input_bytes, here.tokens) == (
+            there.status, there.notes, there.samples, there.bytes_moved, there.input_bytes, there.tokens)
+    broken = run.run_here({**spec, "provider": "ours", "pass": "sideways"})
+    assert broken.status == "error" and broken.notes.startswith("ValueError")
+
+
+def test_the_docs_count_the_checks_of_a_real_run():
+    group = {**plan.real_settings().correctness, "coverage": True}
+    specs = correctness.group_checks(group)
+    reduce = [c for c in specs if c["kind"] == "reduce blocks"]
+    per = (len(specs) - len(reduce)) / (len(group["dtypes"]) * len(group["vocabs"]))
+    assert {c["dtype"] for c in reduce} == {"fp32", "fp64"} and len(correctness.coverage_placeholders(group)) == 5
+    text = " ".join(open(os.path.join(ROOT, "docs", "gpu-check.md")).read().split())
+    assert (f"That is {per:.0f} checks for each dtype and V, and the reduction for fp32 and fp64 values: "
+            f"{len(specs)} checks, then the five coverage rows") in text

@@ -6,45 +6,32 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ops_helpers import BACKENDS, DEVICE, VALUE_ATOL, random_labels
 
 import mallowspo_fast as mpf
 from mallowspo_fast.ops.linear import default_chunk_size
-from mallowspo_fast.ops.naive import naive_sequence_logprobs, naive_token_logprobs
+from mallowspo_fast.testing import (
+    BACKENDS,
+    DEVICE,
+    DTYPE_NAMES,
+    LINEAR_GRAD_REL,
+    VALUE_ATOL,
+    linear_inputs,
+    random_labels,
+    ref_linear,
+)
 
 DTYPES = [torch.float32, torch.bfloat16]
-DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-# Matmul outputs are compared relative to the largest entry of the reference: fp32 is exact up to its
-# rounding; bf16 gradients carry the rounding of the chunk logit gradient (bf16, as in the logits-level
-# op) and of the result.
-GRAD_REL = {torch.float32: 2e-6, torch.bfloat16: 1.2e-2}
 
 
 def _inputs(batch, seq, dim, vocab, dtype, *, bias=False, mask_frac=0.25, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(batch, seq, dim, generator=gen).to(DEVICE, dtype)
-    weight = (torch.randn(vocab, dim, generator=gen) * 2 * dim**-0.5).to(DEVICE, dtype)
-    b = (torch.randn(vocab, generator=gen) * 0.5).to(DEVICE, dtype) if bias else None
+    hidden, weight, b = linear_inputs(batch, seq, dim, vocab, dtype, gen, bias=bias)
     labels = random_labels((batch, seq), vocab, mask_frac=mask_frac, generator=gen)
     return hidden, weight, b, labels
 
 
 def _leaves(*ts):
     return [None if t is None else t.detach().clone().requires_grad_(True) for t in ts]
-
-
-def _reference(hidden, weight, bias, labels, *, sequence, ignore_index=-100, temperature=1.0):
-    """float64 on the logits the op sees: in bf16 the logits are rounded to bf16 by the matmul, so
-    their float64 values are those rounded logits while the gradient flows on through hidden/weight
-    in float64 (straight-through)."""
-    h, w = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
-    b = None if bias is None else bias.detach().double().requires_grad_(True)
-    exact = F.linear(h, w, b)
-    rounded = F.linear(hidden, weight, bias).detach().double()
-    logits = exact + (rounded - exact).detach()
-    fn = naive_sequence_logprobs if sequence else naive_token_logprobs
-    out = fn(logits, labels, ignore_index, temperature, compute_dtype=torch.float64)
-    return (h, w, b), out
 
 
 def _assert_rel(actual, ref, rel, what):
@@ -58,7 +45,7 @@ def _run_and_compare(backend, dtype, hidden, weight, bias, labels, *, sequence, 
     h, w, b = _leaves(hidden, weight, bias)
     fn = mpf.linear_sequence_logprobs if sequence else mpf.linear_token_logprobs
     out = fn(h, w, labels, bias=b, temperature=temperature, chunk_size=chunk_size, backend=backend)
-    (rh, rw, rb), ref = _reference(hidden, weight, bias, labels, sequence=sequence, temperature=temperature)
+    rh, rw, rb, _, ref = ref_linear(hidden, weight, bias, labels, sequence=sequence, temperature=temperature)
     atol = VALUE_ATOL[dtype]
     torch.testing.assert_close(out.logps.double(), ref[0], atol=atol, rtol=1e-5)
     torch.testing.assert_close(out.entropy.double(), ref[1], atol=atol, rtol=1e-5)
@@ -73,11 +60,11 @@ def _run_and_compare(backend, dtype, hidden, weight, bias, labels, *, sequence, 
         if got is None:
             continue
         assert got.grad.dtype == dtype and got.grad.shape == got.shape
-        _assert_rel(got.grad, want.grad, GRAD_REL[dtype], f"grad of {name}")
+        _assert_rel(got.grad, want.grad, LINEAR_GRAD_REL[dtype], f"grad of {name}")
     return out, (h, w, b)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "batch,seq,dim,vocab,chunk_size",
@@ -89,7 +76,7 @@ def test_sequence_values_and_grads(backend, dtype, batch, seq, dim, vocab, chunk
     _run_and_compare(backend, dtype, hidden, weight, None, labels, sequence=True, chunk_size=chunk_size)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_2d_with_bias_and_temperature(backend, dtype):
     hidden, weight, bias, labels = _inputs(1, 23, 16, 61, dtype, bias=True, seed=3)
@@ -97,7 +84,7 @@ def test_token_2d_with_bias_and_temperature(backend, dtype):
                      chunk_size=6)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_equals_logits_level_op(backend, dtype):
     """Same numbers as the logits-level op of the same backend fed with F.linear's logits."""
@@ -111,7 +98,7 @@ def test_equals_logits_level_op(backend, dtype):
     (ours.logps.sum() - 0.5 * ours.entropy.sum()).backward()
     (theirs.logps.sum() - 0.5 * theirs.entropy.sum()).backward()
     for got, want in ((h1, h2), (w1, w2), (b1, b2)):
-        _assert_rel(got.grad, want.grad.double(), GRAD_REL[dtype], "grad vs logits-level op")
+        _assert_rel(got.grad, want.grad.double(), LINEAR_GRAD_REL[dtype], "grad vs logits-level op")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -158,8 +145,8 @@ def test_one_output_used(backend, used):
     h2, w2 = _leaves(hidden, weight)
     getattr(mpf.linear_sequence_logprobs(h1, w1, labels, chunk_size=3, backend=backend), used).sum().backward()
     getattr(mpf.sequence_logprobs(F.linear(h2, w2), labels, backend="reference"), used).sum().backward()
-    _assert_rel(h1.grad, h2.grad.double(), GRAD_REL[torch.float32], "grad of hidden")
-    _assert_rel(w1.grad, w2.grad.double(), GRAD_REL[torch.float32], "grad of weight")
+    _assert_rel(h1.grad, h2.grad.double(), LINEAR_GRAD_REL[torch.float32], "grad of hidden")
+    _assert_rel(w1.grad, w2.grad.double(), LINEAR_GRAD_REL[torch.float32], "grad of weight")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -174,7 +161,7 @@ def test_frozen_weight_and_shifted_view(backend):
     ref = base.detach().clone().requires_grad_(True)
     mpf.sequence_logprobs(F.linear(ref[:, :-1], weight), labels[:, 1:], backend="reference").logps.sum().backward()
     assert torch.equal(base.grad[:, -1], torch.zeros_like(base.grad[:, -1]))
-    _assert_rel(base.grad, ref.grad.double(), GRAD_REL[torch.float32], "grad of hidden")
+    _assert_rel(base.grad, ref.grad.double(), LINEAR_GRAD_REL[torch.float32], "grad of hidden")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

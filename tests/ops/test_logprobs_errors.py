@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
-from ops_helpers import BACKENDS, DEVICE, ref_token
 
 import mallowspo_fast as mpf
 from mallowspo_fast.ops.logprobs import resolve_backend
+from mallowspo_fast.testing import BACKENDS, DEVICE, ref_token
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "reference"])

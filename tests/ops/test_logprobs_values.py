@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ops_helpers import (
+
+import mallowspo_fast as mpf
+from mallowspo_fast.testing import (
     BACKENDS,
     DEVICE,
+    DTYPE_NAMES,
     DTYPES,
     GRAD_ATOL,
     VALUE_ATOL,
@@ -14,10 +17,6 @@ from ops_helpers import (
     ref_sequence,
     ref_token,
 )
-
-import mallowspo_fast as mpf
-
-DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _check_token(backend, logits, labels, *, temperature=1.0, ignore_index=-100, seed=0):
@@ -39,7 +38,7 @@ def _check_token(backend, logits, labels, *, temperature=1.0, ignore_index=-100,
     return grad, xr.grad
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(1, 1, 7), (3, 5, 37), (2, 9, 257), (4, 3, 1000)], ids=str)
 def test_small_shapes_values_and_grads(backend, dtype, shape):
@@ -51,7 +50,7 @@ def test_small_shapes_values_and_grads(backend, dtype, shape):
     torch.testing.assert_close(grad.double(), ref_grad, atol=GRAD_ATOL[dtype], rtol=1e-2)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("vocab", [32000, 50257, 128256])
 def test_large_vocab_few_rows(backend, dtype, vocab):
@@ -116,7 +115,7 @@ def test_custom_ignore_index(backend):
     assert torch.all(grad[labels == 7] == 0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_masked_rows_and_sequences(backend, dtype):
     logits = torch.randn(3, 4, 33, device=DEVICE).to(dtype).requires_grad_(True)
@@ -166,7 +165,7 @@ def test_shift_invariance_and_extreme_logits(backend, scale):
     torch.testing.assert_close(a.entropy, b.entropy, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sequence_outputs_and_grads(backend, dtype):
     gen = torch.Generator().manual_seed(6)

@@ -8,7 +8,7 @@ import torch
 
 import mallowspo_fast as mpf
 from mallowspo_fast.ops import torch_path as tp
-from mallowspo_fast.ops.naive import naive_token_logprobs
+from mallowspo_fast.testing import ref_token
 
 ENTRY_POINTS = {
     "token_logprobs": lambda x, lab, **kw: mpf.token_logprobs(x, lab, **kw),
@@ -54,8 +54,7 @@ def test_dtypes_fp32_out_for_low_precision_and_float64_in_float64(backend):
     seq = mpf.sequence_logprobs(logits, labels, backend=backend)
     ent = mpf.token_entropy(logits, backend=backend)
     assert {out.logps.dtype, out.entropy.dtype, seq.logps.dtype, ent.entropy.dtype, ent.lse.dtype} == {torch.float64}
-    xr = logits.clone().requires_grad_(True)
-    ref_lp, ref_h = naive_token_logprobs(xr, labels, temperature=0.3, compute_dtype=torch.float64)
+    xr, ref_lp, ref_h = ref_token(logits, labels, temperature=0.3)
     torch.testing.assert_close(out.logps, ref_lp, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(out.entropy, ref_h, atol=1e-12, rtol=1e-12)
     (out.logps.sum() + out.entropy.sum()).backward()

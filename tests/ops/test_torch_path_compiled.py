@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ops_helpers import GRAD_ATOL, VALUE_ATOL, ref_token
 
 import mallowspo_fast as mpf
 from mallowspo_fast.ops import torch_path as tp
+from mallowspo_fast.testing import GRAD_ATOL, VALUE_ATOL, ref_token
 
 VOCAB = 300
 pytestmark = pytest.mark.skipif(not tp._compiler_available(), reason="the compiled route needs a C++ compiler")

@@ -8,33 +8,30 @@ import pytest
 import torch
 
 from mallowspo_fast.ops import triton_path
-from mallowspo_fast.ops.naive import naive_token_entropy, naive_token_logprobs, naive_token_stats
 from mallowspo_fast.ops.transform import IDENTITY, LogitTransform
+from mallowspo_fast.testing import (
+    ALL_DTYPES,
+    DEVICE,
+    DTYPE_NAMES,
+    GRAD_ATOL,
+    GRAD_RTOL,
+    VALUE_ATOL,
+    VALUE_RTOL,
+    ref_entropy,
+    ref_stats,
+    ref_token,
+    sequence_labels,
+    shifted_logits,
+    transform_scales,
+)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -100
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-# Values (logp, H, lse, stats) in the accumulation dtype against float64 on the same rounded inputs.
-VALUE_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4, torch.float64: 1e-10}
-VALUE_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5, torch.float64: 1e-10}
-# Gradients are written in the logits dtype: that dtype's rounding of values <= ~1.
-GRAD_ATOL = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float64: 1e-12}
-GRAD_RTOL = {torch.float32: 1e-2, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-8}
+DTYPES = ALL_DTYPES
 TRANSFORMS = {
     "temperature": LogitTransform(temperature=0.7),
     "negative-scale": LogitTransform(temperature=1.3, logit_scale=-1.5),
     "softcap": LogitTransform(temperature=0.7, softcap=30.0, logit_scale=2.0),
 }
-
-
-def _scales(logits: torch.Tensor, transform: LogitTransform) -> tuple[float, float]:
-    """(value scale, gradient scale): fp32 values carry eps·|z| and gradients are multiplied by dz/dy,
-    so the tolerances grow with max |z| beyond 10 and with max |dz/dy| beyond 1."""
-    z = transform.apply(logits.detach().double())
-    zmax = float(z[torch.isfinite(z)].abs().max()) if torch.isfinite(z).any() else 0.0
-    slope = abs(transform.post * (transform.pre if transform.has_softcap else 1.0))
-    return max(1.0, zmax / 10), max(1.0, slope)
 
 
 def _close(actual, expected, dtype, scale=1.0, what=""):
@@ -44,43 +41,34 @@ def _close(actual, expected, dtype, scale=1.0, what=""):
 
 def _logits(shape, dtype, seed, scale=3.0):
     """[B, T + 1, V] logits; the tests use the shifted view [:, :-1] (no copy, row stride jumps)."""
-    gen = torch.Generator().manual_seed(seed)
-    batch, seq, vocab = shape
-    return (torch.randn(batch, seq + 1, vocab, generator=gen) * scale).to(DEVICE, dtype)
+    return shifted_logits(*shape, dtype, torch.Generator().manual_seed(seed), scale=scale)
 
 
 def _labels(batch, seq, vocab, seed, mask_frac=0.3):
-    gen = torch.Generator().manual_seed(seed + 1)
-    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
-    labels[torch.rand(batch, seq, generator=gen) < mask_frac] = IGNORE
-    labels[0, 0] = vocab - 1
-    if batch > 1:
-        labels[-1] = IGNORE  # an all-masked sequence
-    return labels.to(DEVICE)
+    """Labels whose first is V - 1, the last sequence all masked (from two sequences on)."""
+    return sequence_labels(batch, seq, vocab, torch.Generator().manual_seed(seed + 1), mask_frac=mask_frac,
+                           first_label=vocab - 1, mask_last_sequence=batch > 1)
 
 
-def _reference(x, labels, transform):
-    """float64 (logps, entropy, lse, log Σp², mean z, is_top1) of the naive references, masked like the op."""
-    z = transform.apply(x.double())
-    lse = torch.logsumexp(z, -1)
+def _reference(logits, labels, transform):
+    """float64 leaf and (logps, entropy, lse, log Σp², mean z, is_top1) of the references, masked like the op."""
+    lss, mean, top1 = ref_stats(logits, labels, IGNORE, transform)
     if labels is None:
-        entropy, lse = naive_token_entropy(x, compute_dtype=torch.float64, transform=transform)
-        _, _, lss, mean, _ = naive_token_stats(x.detach(), None, IGNORE, transform, torch.float64)
-        return None, entropy, lse, lss, mean, None
-    logps, entropy = naive_token_logprobs(x, labels, IGNORE, compute_dtype=torch.float64, transform=transform)
-    _, _, lss, mean, top1 = naive_token_stats(x.detach(), labels, IGNORE, transform, torch.float64)
-    return logps, entropy, torch.where(labels != IGNORE, lse, 0.0), lss, mean, top1
+        x, entropy, lse = ref_entropy(logits, transform=transform)
+        return x, (None, entropy, lse, lss, mean, None)
+    x, logps, entropy = ref_token(logits, labels, IGNORE, transform=transform)
+    lse = torch.logsumexp(transform.apply(x.detach()), -1)
+    return x, (logps, entropy, torch.where(labels != IGNORE, lse, 0.0), lss, mean, top1)
 
 
 def _check(logits, labels, transform, return_stats=True, seed=0, inplace=False):
     """Forward and backward of the contract against float64 (values, stats, gradients). Returns the
     forward's RowStats."""
     dtype = logits.dtype
-    vscale, gscale = _scales(logits, transform)
+    vscale, gscale = transform_scales(logits, transform)
     out = triton_path.forward(logits, labels, IGNORE, transform, return_stats)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    x = logits.detach().double().requires_grad_(True)
-    ref = _reference(x, labels, transform)
+    x, ref = _reference(logits, labels, transform)
     names = ("logps", "entropy", "lse", "log_sum_sq_probs", "mean_logits")
     for name, got, want in zip(names, out, ref):
         if want is None or (name in names[3:] and not return_stats):
@@ -113,7 +101,7 @@ def _check(logits, labels, transform, return_stats=True, seed=0, inplace=False):
 
 
 @pytest.mark.parametrize("vocab", [7, 37, 257, 1000, 32000])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
 def test_values_stats_and_grads_on_a_shifted_view(dtype, vocab):
     full = _logits((3, 4 if vocab < 32000 else 2, vocab), dtype, seed=vocab)
     logits = full[:, :-1]
@@ -123,14 +111,14 @@ def test_values_stats_and_grads_on_a_shifted_view(dtype, vocab):
 
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
 def test_transforms(dtype, name):
     logits = _logits((2, 5, 300), dtype, seed=3)[:, :-1]
     _check(logits, _labels(2, 5, 300, seed=3), TRANSFORMS[name], seed=3)
 
 
 @pytest.mark.parametrize("name", ["identity", "softcap"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
 def test_without_labels_every_row_and_the_lse_grad(dtype, name):
     transform = TRANSFORMS.get(name, IDENTITY)
     _check(_logits((2, 3, 500), dtype, seed=4)[:, :-1], None, transform, seed=4)
@@ -189,7 +177,7 @@ def test_out_of_range_labels_give_nan_and_leave_the_other_rows_exact():
     labels = torch.tensor([[5, 60, -7, 10**6]], device=DEVICE)
     out = triton_path.forward(logits, labels, IGNORE, IDENTITY, True)
     assert torch.isnan(out.logps[0, 1:]).all() and not out.is_top1[0, 1:].any()
-    ref = _reference(logits[:, :1].detach().double(), labels[:, :1], IDENTITY)
+    _, ref = _reference(logits[:, :1], labels[:, :1], IDENTITY)
     _close(out.logps[:, :1], ref[0], torch.float32)
     assert torch.isfinite(out.entropy).all() and torch.isfinite(out.log_sum_sq_probs).all()
 
@@ -226,7 +214,7 @@ def test_extreme_logits_and_shift_invariance():
     # |z| ~ 1e4: logp itself ~ 1e4 (relative tolerance), H near 0 (absolute).
     huge = (torch.randn(2, 4, 500, generator=gen) * 1e4).to(DEVICE)
     out = triton_path.forward(huge, labels[:, :4].clamp(max=499), IGNORE, IDENTITY, True)
-    ref = _reference(huge.double(), labels[:, :4].clamp(max=499), IDENTITY)
+    _, ref = _reference(huge, labels[:, :4].clamp(max=499), IDENTITY)
     torch.testing.assert_close(out.logps.double(), ref[0], atol=1e-4, rtol=1e-6)
     torch.testing.assert_close(out.entropy.double(), ref[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.log_sum_sq_probs.double(), ref[3], atol=1e-5, rtol=1e-5)
@@ -262,7 +250,7 @@ def test_softcap_saturation_values_grads_and_first_index_ties():
 # ------------------------------------------------------------------------------------- backward
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
 @pytest.mark.parametrize("labels", ["labels", "no-labels"])
 def test_inplace_backward_writes_the_same_gradient_into_the_logits(dtype, labels):
     full = _logits((2, 3, 300), dtype, seed=13)
@@ -307,8 +295,7 @@ def test_backward_with_one_upstream_grad_or_none(which):
     grads = {"logps": (g, None), "entropy": (None, g), "none": (None, None)}[which]
     grad = triton_path.backward(logits, labels, out.lse, out.entropy, *grads, None, IGNORE, TRANSFORMS["softcap"],
                                 False)
-    x = logits.detach().double().requires_grad_(True)
-    ref = _reference(x, labels, TRANSFORMS["softcap"])
+    x, ref = _reference(logits, labels, TRANSFORMS["softcap"])
     if which == "none":
         assert (grad == 0).all()
         return
@@ -319,7 +306,7 @@ def test_backward_with_one_upstream_grad_or_none(which):
 # ------------------------------------------------------------------------------ sequence_reduce
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_NAMES.get)
 @pytest.mark.parametrize("seq", [5, 1500])
 def test_sequence_reduce_in_the_dtype_of_its_inputs(dtype, seq):
     gen = torch.Generator().manual_seed(seq)
