@@ -250,6 +250,44 @@ def _eager_backward_rows(logits, grad, labels, mask, lse, entropy, g, h, g_lse, 
 
 
 # ----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# Gradient buffers (CPU)
+#
+# A new [B, T, V] gradient is served by the OS as fresh pages on CPU (glibc maps every allocation this size
+# anew and unmaps it on free), and faulting them in costs several times the arithmetic of the backward
+# (writing 500 MiB into fresh pages: 285 ms, into warm ones: 38 ms, on the 2-core test machine). The pool
+# keeps the last gradient buffer of each shape and dtype and hands it out again once nothing else uses its
+# storage (autograd, the caller and every view have let go: the storage's use count says so), so a training
+# loop writes every step's gradient into the same warm pages. The buffer stays allocated between steps.
+
+POOL_ENV = "MALLOWSPO_FAST_GRAD_POOL"
+
+
+class _GradPool:
+    buffers: dict[tuple, torch.Tensor] = {}
+    lock = threading.Lock()
+
+
+def _pool_enabled() -> bool:
+    return os.environ.get(POOL_ENV, "1").strip() != "0"
+
+
+def _new_gradient(logits: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor like ``logits`` for its gradient: the pooled one when it is free (CPU)."""
+    if logits.device.type != "cpu" or not _pool_enabled() or torch.compiler.is_compiling():
+        return torch.empty_like(logits)
+    key = (tuple(logits.shape), logits.dtype)
+    with _GradPool.lock:
+        buf = _GradPool.buffers.get(key)
+        # 2 = the pool's tensor + the temporary storage object of this query: nobody else holds the storage.
+        if buf is not None and torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2:
+            return buf
+        if buf is None or len(_GradPool.buffers) >= 4:
+            _GradPool.buffers.clear()  # a few shapes at most; a new one replaces them
+        buf = _GradPool.buffers[key] = torch.empty(logits.shape, dtype=logits.dtype)
+        return buf
+
+
 # The backend contract
 
 
@@ -294,7 +332,7 @@ def backward(logits: torch.Tensor, labels: torch.Tensor | None, lse: torch.Tenso
                              g.reshape(-1), h.reshape(-1), g_lse.reshape(-1),
                              *_scalars(transform, logits.dtype, logits.device), softcap=transform.has_softcap)
         return grad.view(logits.shape).to(logits.dtype)
-    grad = logits if inplace else torch.empty_like(logits)
+    grad = logits if inplace else _new_gradient(logits)
     args = (logits, grad, labels, mask, lse, entropy, g, h, g_lse, transform)
     if not (use_compiled(logits) and _compiled_or_none(_compiled_backward_rows, *args)):
         _eager_backward_rows(*args)
