@@ -1,0 +1,51 @@
+"""The torch path's pooled gradient buffer (CPU): reused only when nothing else holds its storage."""
+
+from __future__ import annotations
+
+import torch
+
+import mallowspo_fast as mpf
+from mallowspo_fast.ops import torch_path as tp
+
+
+def _grad(logits, labels):
+    x = logits.clone().requires_grad_(True)
+    y = x * 1.0  # a non-leaf: the op's gradient flows on to the multiplication, then is freed
+    out = mpf.token_logprobs(y, labels, backend="torch")
+    captured = {}
+    y.register_hook(lambda g: captured.update(ptr=g.data_ptr()))
+    (out.logps.sum() + 0.5 * out.entropy.sum()).backward()
+    return x.grad, captured["ptr"]
+
+
+def test_a_free_buffer_is_reused_and_a_held_one_is_not(monkeypatch):
+    monkeypatch.setenv(tp.POOL_ENV, "1")
+    monkeypatch.setattr(tp._GradPool, "buffers", {})
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 300, generator=gen) * 3
+    labels = torch.randint(0, 300, (2, 5), generator=gen)
+    labels[0, 1] = -100
+    ref = _grad(logits, labels)[0]
+    first = _grad(logits, labels)
+    second = _grad(logits, labels)
+    assert first[1] == second[1], "a free pooled buffer was not reused"
+    for got in (first[0], second[0]):
+        torch.testing.assert_close(got, ref, atol=0, rtol=0)
+    # A caller holding the op's gradient (here a leaf's .grad is that very tensor) keeps it from the pool.
+    leaf = logits.clone().requires_grad_(True)
+    out = mpf.token_logprobs(leaf, labels, backend="torch")
+    (out.logps.sum() + 0.5 * out.entropy.sum()).backward()
+    held = leaf.grad
+    third = _grad(logits, labels)
+    assert third[1] != held.data_ptr()
+    torch.testing.assert_close(held, ref, atol=0, rtol=0)  # untouched by the later backward
+    torch.testing.assert_close(third[0], ref, atol=0, rtol=0)
+
+
+def test_the_pool_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv(tp.POOL_ENV, "0")
+    monkeypatch.setattr(tp._GradPool, "buffers", {})
+    logits = torch.randn(1, 3, 50)
+    labels = torch.randint(0, 50, (1, 3))
+    _grad(logits, labels)
+    assert tp._GradPool.buffers == {}
