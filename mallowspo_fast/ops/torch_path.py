@@ -95,8 +95,13 @@ def _scalars(transform: LogitTransform, dtype: torch.dtype, device) -> tuple[tor
 # Compiled route
 
 
+# dtype of the compiled loops' row sums (rows_forward's acc); module-level so that a benchmark can time fp32 sums
+# against it (set it before the first call: the kernels are built once per process).
+COMPILED_ACC = torch.float64
+
+
 def _compiled_forward(z, labels, mask, pre, post, softcap: bool, stats: bool):
-    return rows_forward(z, labels, mask, pre, post, softcap=softcap, stats=stats, acc=torch.float64)
+    return rows_forward(z, labels, mask, pre, post, softcap=softcap, stats=stats, acc=COMPILED_ACC)
 
 
 def _compiled_backward(z, out, labels, mask, lse, entropy, g, h, g_lse, pre, post, softcap: bool):
