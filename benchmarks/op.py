@@ -1,6 +1,6 @@
 """The fused op alone: forward, backward and forward+backward of the per-token log-prob + entropy.
 
-Byte formula (KERNELS.md §2), with L = N·V·element_size of the logits:
+Byte formula (docs/kernels.md, "Byte budget"), with L = N·V·element_size of the logits:
 
 * forward reads every logit once:                         bytes = L
 * backward reads every logit and writes its gradient:     bytes = 2·L

@@ -5,9 +5,10 @@ Two tables, both PROJECTIONS (nothing here is measured on a GPU):
 1. Resources of every shipped kernel x sm_80 / sm_90 x dtype x V, from
    :func:`mallowspo_fast.ops.aot.compile_report` (registers, spills, shared memory, occupancy estimate,
    and the public ops that launch each variant: the memory mode runs the same compiled variants).
-2. The roofline floor of the op from its byte budget (KERNELS.md §2): forward moves L = N·V·elem bytes,
-   backward 2·L, forward + backward 3·L; floor time = bytes / peak HBM bandwidth of the device. The
-   targets column applies the KERNELS.md §3 goals (forward at 80 %, backward at 75 % of peak).
+2. The roofline floor of the op from its byte budget (docs/kernels.md, "Byte budget"): forward moves
+   L = N·V·elem bytes, backward 2·L, forward + backward 3·L; floor time = bytes / peak HBM bandwidth of the
+   device. The
+   targets column applies the docs/kernels.md "Targets" goals (forward at 80 %, backward at 75 % of peak).
 
 Usage::
 

@@ -1,7 +1,7 @@
 """Who computes the per-token log-prob / entropy in a benchmark: ours, the reference, and peers.
 
-Every provider answers the same question the op answers (KERNELS.md §1) so that the comparison is
-like for like:
+Every provider answers the same question the op answers (docs/kernels.md, "What the kernels compute") so
+that the comparison is like for like:
 
 * token level: ``fn(logits [N, V], labels [N]) -> (logp [N] fp32, entropy [N] fp32 or None)``
 * sequence level: ``fn(logits [B, T, V], labels [B, T]) -> (logps [B], entropy [B] or None, num_tokens [B])``
@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 
 import mallowspo_fast as mpf
+from mallowspo_fast.ops import IGNORE_INDEX
 from mallowspo_fast.ops.naive import naive_sequence_logprobs, naive_token_logprobs
-
-IGNORE_INDEX = -100
 
 PROVIDERS = ("ours", "reference", "compiled", "compiled-loss", "trl", "liger")
 DESCRIPTIONS = {
