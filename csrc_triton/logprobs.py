@@ -39,6 +39,7 @@ def _token_logprobs_fwd_kernel(
     log_sum_sq_probs_ptr,
     mean_logits_ptr,
     is_top1_ptr,
+    raw_ptr,
     seq_len,
     vocab_size,
     stride_logits_b,
@@ -53,6 +54,7 @@ def _token_logprobs_fwd_kernel(
     HAS_LABELS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     RETURN_STATS: tl.constexpr,
+    RETURN_RAW: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """One program per token: online softmax over V with three accumulators (running max m,
@@ -60,21 +62,31 @@ def _token_logprobs_fwd_kernel(
     logits. Writes logp, H and lse (contiguous [B·T], accumulation dtype). Without labels
     (HAS_LABELS=False: the entropy of every position) no row is masked and logp is not written.
     RETURN_STATS adds, in the same pass, q = Σ e^{2(z−m)} (log Σ p² = log q − 2 log s), Σ z (the mean
-    logit) and, with labels, the first index of the max (is_top1 = label is that index)."""
+    logit) and, with labels, the first index of the max (is_top1 = label is that index).
+
+    RETURN_RAW (a shard of a vocabulary split over ranks, docs/vocab-parallel.md) writes the row's raw
+    accumulators instead, for an exact combination across shards: NUM_RAW = 4 (7 with RETURN_STATS)
+    consecutive values per row at ``raw_ptr + row * NUM_RAW``: m, s, w, z[label] (0 when no column is the
+    label) [, q, Σ z, the first index of the max (as a float; 0 without labels)]. Masked rows write zeros."""
     ACC: tl.constexpr = tl.float64 if logits_ptr.dtype.element_ty == tl.float64 else tl.float32
+    NUM_RAW: tl.constexpr = 7 if RETURN_STATS else 4
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
     t = row % seq_len
     if HAS_LABELS:
         label = tl.load(labels_ptr + b * stride_labels_b + t * stride_labels_t)
         if label == ignore_index:
-            tl.store(logp_ptr + row, 0.0)
-            tl.store(entropy_ptr + row, 0.0)
-            tl.store(lse_ptr + row, 0.0)
-            if RETURN_STATS:
-                tl.store(log_sum_sq_probs_ptr + row, 0.0)
-                tl.store(mean_logits_ptr + row, 0.0)
-                tl.store(is_top1_ptr + row, False)
+            if RETURN_RAW:
+                raw_cols = tl.arange(0, 8)
+                tl.store(raw_ptr + row * NUM_RAW + raw_cols, tl.zeros((8,), ACC), mask=raw_cols < NUM_RAW)
+            else:
+                tl.store(logp_ptr + row, 0.0)
+                tl.store(entropy_ptr + row, 0.0)
+                tl.store(lse_ptr + row, 0.0)
+                if RETURN_STATS:
+                    tl.store(log_sum_sq_probs_ptr + row, 0.0)
+                    tl.store(mean_logits_ptr + row, 0.0)
+                    tl.store(is_top1_ptr + row, False)
             return
     row_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
     if ACC == tl.float64:
@@ -127,23 +139,39 @@ def _token_logprobs_fwd_kernel(
                 first = tl.min(tl.where(z == z_max, offs, vocab_size), axis=0)
                 argmax = tl.where(z_max > m, first, argmax)
         m = m_new
-    log_s = tl.log(s)
-    lse = m + log_s
-    entropy = log_s - w / s
-    if HAS_LABELS:
-        # Out-of-range labels never match a column: report NaN rather than reading out of bounds.
-        valid = (label >= 0) & (label < vocab_size)
-        logp = tl.where(valid, z_label - lse, float("nan"))
-        tl.store(logp_ptr + row, logp)
-    tl.store(entropy_ptr + row, entropy)
-    tl.store(lse_ptr + row, lse)
-    if RETURN_STATS:
-        tl.store(log_sum_sq_probs_ptr + row, tl.log(q) - 2.0 * log_s)
-        tl.store(mean_logits_ptr + row, z_sum / vocab_size)
+    if RETURN_RAW:
+        # The shard's accumulators as they are: the combination across shards rescales them to the
+        # global max (m = -inf for a shard of only -inf logits, with s = w = q = 0).
+        raw_row = raw_ptr + row * NUM_RAW
+        tl.store(raw_row, m)
+        tl.store(raw_row + 1, s)
+        tl.store(raw_row + 2, w)
+        tl.store(raw_row + 3, z_label)
+        if RETURN_STATS:
+            tl.store(raw_row + 4, q)
+            tl.store(raw_row + 5, z_sum)
+            if HAS_LABELS:
+                tl.store(raw_row + 6, argmax.to(ACC))
+            else:
+                tl.store(raw_row + 6, tl.zeros((), ACC))
+    else:
+        log_s = tl.log(s)
+        lse = m + log_s
+        entropy = log_s - w / s
         if HAS_LABELS:
-            # A row of only -inf keeps argmax = 0, as torch.argmax does.
-            top1 = valid & (argmax == label)
-            tl.store(is_top1_ptr + row, top1)
+            # Out-of-range labels never match a column: report NaN rather than reading out of bounds.
+            valid = (label >= 0) & (label < vocab_size)
+            logp = tl.where(valid, z_label - lse, float("nan"))
+            tl.store(logp_ptr + row, logp)
+        tl.store(entropy_ptr + row, entropy)
+        tl.store(lse_ptr + row, lse)
+        if RETURN_STATS:
+            tl.store(log_sum_sq_probs_ptr + row, tl.log(q) - 2.0 * log_s)
+            tl.store(mean_logits_ptr + row, z_sum / vocab_size)
+            if HAS_LABELS:
+                # A row of only -inf keeps argmax = 0, as torch.argmax does.
+                top1 = valid & (argmax == label)
+                tl.store(is_top1_ptr + row, top1)
 
 
 @triton.jit(do_not_specialize=["seq_len", "vocab_size", "ignore_index", "pre", "post", "pre_fp64", "post_fp64"])

@@ -11,7 +11,15 @@ from .logprobs import (
     token_entropy,
     token_logprobs,
 )
+from .vocab_parallel import (
+    vocab_parallel_sequence_logprobs,
+    vocab_parallel_token_entropy,
+    vocab_parallel_token_logprobs,
+)
+from .vocab_parallel_linear import vocab_parallel_linear_sequence_logprobs, vocab_parallel_linear_token_logprobs
 
 __all__ = ["IGNORE_INDEX", "TokenLogprobs", "TokenEntropy", "SequenceLogprobs", "TokenStats",
            "token_logprobs", "token_entropy", "sequence_logprobs",
-           "linear_token_logprobs", "linear_sequence_logprobs"]
+           "linear_token_logprobs", "linear_sequence_logprobs",
+           "vocab_parallel_token_logprobs", "vocab_parallel_token_entropy", "vocab_parallel_sequence_logprobs",
+           "vocab_parallel_linear_token_logprobs", "vocab_parallel_linear_sequence_logprobs"]

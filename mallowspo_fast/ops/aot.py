@@ -8,9 +8,13 @@ shared memory, plus the kernel's launch config, an occupancy estimate and the pu
 path launches it.
 
 A variant is everything fixed at compile time: the kernel, its constexprs (``HAS_LABELS``, ``HAS_SOFTCAP``,
-``RETURN_STATS``, ``HAS_GRAD_*``, ``BLOCK_V``, ``BLOCK_T``), the logits dtype (which also fixes the
-accumulation dtype: float64 for fp64 logits) and ``num_warps``. Names read ``fwd[_nolabels][_softcap]
-[_stats]``, ``bwd[_nolabels][_<which grads>][_softcap]``. The transform's multipliers (temperature, logit
+``RETURN_STATS``, ``RETURN_RAW``, ``HAS_GRAD_*``, ``BLOCK_V``, ``BLOCK_T``), the logits dtype (which also
+fixes the accumulation dtype: float64 for fp64 logits) and ``num_warps``. Names read ``fwd[_nolabels]
+[_softcap][_stats][_raw]``, ``bwd[_nolabels][_<which grads>][_softcap]``. The ``_raw`` forward variants
+(the raw accumulators of a vocabulary shard) serve the vocab-parallel ops, which launch the ordinary
+backward variants on their shard; a shard's width picks BLOCK_V and the warps, so those variants are
+also compiled at each shard width (a vocabulary split evenly over 2, 4 or 8 ranks) whose launch
+configuration no vocabulary of the report has. The transform's multipliers (temperature, logit
 scale, soft cap value) are runtime arguments: one binary serves every value. The memory mode
 (``linear_token_logprobs`` / ``linear_sequence_logprobs``) calls the same launchers on each chunk of
 recomputed logits, so it runs the same variants as the logits-level ops: its row counts, transform and
@@ -54,6 +58,16 @@ ENTROPY_OPS = ("token_entropy",)
 # Ops that take ``return_stats=True`` (the RETURN_STATS forward variants); every op takes a soft cap.
 STATS_OPS = ("token_logprobs", "linear_token_logprobs")
 ENTROPY_STATS_OPS = ("token_entropy",)
+# The vocab-parallel ops (a vocabulary shard per rank): the RETURN_RAW forward variants and the ordinary
+# backward ones; the sequence form also the per-sequence reduction.
+VP_LOGITS_OPS = ("vocab_parallel_token_logprobs", "vocab_parallel_sequence_logprobs")
+VP_MEMORY_MODE_OPS = ("vocab_parallel_linear_token_logprobs", "vocab_parallel_linear_sequence_logprobs")
+VP_ENTROPY_OPS = ("vocab_parallel_token_entropy",)
+VP_STATS_OPS = ("vocab_parallel_token_logprobs", "vocab_parallel_linear_token_logprobs")
+VP_ENTROPY_STATS_OPS = ("vocab_parallel_token_entropy",)
+VP_OPS = VP_LOGITS_OPS + VP_MEMORY_MODE_OPS + VP_ENTROPY_OPS
+# Ranks a vocabulary is split over for the shard-width rows (ceil(V / tp) columns per shard).
+SHARD_TPS = (2, 4, 8)
 # Backward variants by upstream grads (HAS_GRAD_LOGP, HAS_GRAD_ENTROPY): on both outputs, on the first
 # only, on the entropies only. Without labels the HAS_GRAD_LOGP slot carries the grad of lse.
 GRAD_SUFFIX = {(True, True): "", (True, False): "_logp_only", (False, True): "_entropy_only"}
@@ -65,17 +79,36 @@ def _used_by() -> dict[str, tuple[str, ...]]:
     """Public ops whose Triton path launches each variant: every backward variant is reachable from each
     op (upstream grads on both outputs, on one only), with or without a soft cap; the statistics are a
     forward-only flag (not differentiable), so a call with them runs the same backward variants."""
-    used: dict[str, tuple[str, ...]] = {"sequence_reduce": ("sequence_logprobs",)}
+    used: dict[str, tuple[str, ...]] = {"sequence_reduce": ("sequence_logprobs", "vocab_parallel_sequence_logprobs")}
     for cap in SOFTCAP_SUFFIX.values():
         used["fwd" + cap] = LOGITS_OPS + MEMORY_MODE_OPS
         used["fwd" + cap + "_stats"] = STATS_OPS
         used["fwd_nolabels" + cap] = ENTROPY_OPS
         used["fwd_nolabels" + cap + "_stats"] = ENTROPY_STATS_OPS
+        used["fwd" + cap + "_raw"] = VP_LOGITS_OPS + VP_MEMORY_MODE_OPS
+        used["fwd" + cap + "_stats_raw"] = VP_STATS_OPS
+        used["fwd_nolabels" + cap + "_raw"] = VP_ENTROPY_OPS
+        used["fwd_nolabels" + cap + "_stats_raw"] = VP_ENTROPY_STATS_OPS
         for grads in GRAD_SUFFIX.values():
-            used["bwd" + grads + cap] = LOGITS_OPS + MEMORY_MODE_OPS
+            used["bwd" + grads + cap] = LOGITS_OPS + MEMORY_MODE_OPS + VP_LOGITS_OPS + VP_MEMORY_MODE_OPS
         for grads in NOLABELS_GRAD_SUFFIX.values():
-            used["bwd_nolabels" + grads + cap] = ENTROPY_OPS
+            used["bwd_nolabels" + grads + cap] = ENTROPY_OPS + VP_ENTROPY_OPS
     return used
+
+
+def shard_vocabs(dtype: torch.dtype, vocabs=VOCABS) -> tuple[int, ...]:
+    """Shard widths of ``vocabs`` split evenly over :data:`SHARD_TPS` ranks (ceil(V / tp) columns) whose
+    launch configuration (BLOCK_V, warps) for ``dtype`` none of ``vocabs`` has: the smallest width of each
+    new configuration (the width itself is a runtime argument)."""
+    from .triton_path import launch_config
+
+    known = {launch_config(v, dtype) for v in vocabs}
+    new: dict[tuple[int, int], int] = {}
+    for width in sorted({-(-v // tp) for v in vocabs for tp in SHARD_TPS}):
+        config = launch_config(width, dtype)
+        if config not in known:
+            new.setdefault(config, width)
+    return tuple(sorted(new.values()))
 
 
 USED_BY = _used_by()
@@ -116,7 +149,8 @@ def variant_name(kernel: str, constexprs: dict) -> str:
     base = "" if labels else "_nolabels"
     cap = SOFTCAP_SUFFIX[bool(constexprs.get("HAS_SOFTCAP", False))]
     if kernel == "_token_logprobs_fwd_kernel":
-        return "fwd" + base + cap + ("_stats" if constexprs["RETURN_STATS"] else "")
+        return ("fwd" + base + cap + ("_stats" if constexprs["RETURN_STATS"] else "")
+                + ("_raw" if constexprs.get("RETURN_RAW", False) else ""))
     if kernel == "_sequence_reduce_kernel":
         return "sequence_reduce"
     if kernel == "_token_logprobs_bwd_kernel":
@@ -125,35 +159,41 @@ def variant_name(kernel: str, constexprs: dict) -> str:
     raise ValueError(f"variant_name: unknown kernel {kernel!r}")
 
 
-def _fwd_signature(logits: str, acc: str, has_labels: bool, return_stats: bool) -> dict[str, str]:
-    """The types the JIT sees for a forward launch: unused output slots get the lse tensor (triton_path)."""
+def _fwd_signature(logits: str, acc: str, has_labels: bool, return_stats: bool, raw: bool = False) -> dict[str, str]:
+    """The types the JIT sees for a forward launch: unused output slots get the lse tensor (triton_path), or
+    the raw buffer (``forward_raw``, whose every output slot is that accumulation-dtype buffer)."""
+    if raw:
+        has_labels = False  # no bool slot: is_top1_ptr is the raw buffer too
     out = "*" + acc
     return {
         "logits_ptr": logits, "labels_ptr": "*i64", "logp_ptr": out, "entropy_ptr": out, "lse_ptr": out,
         "log_sum_sq_probs_ptr": out, "mean_logits_ptr": out,
-        "is_top1_ptr": "*i1" if has_labels and return_stats else out,
+        "is_top1_ptr": "*i1" if has_labels and return_stats else out, "raw_ptr": out,
         "seq_len": "i32", "vocab_size": "i32",
         "stride_logits_b": "i64", "stride_logits_t": "i64", "stride_labels_b": "i64", "stride_labels_t": "i64",
         "ignore_index": "i32", "pre": "fp32", "post": "fp32", "pre_fp64": "fp64", "post_fp64": "fp64",
-        "HAS_LABELS": "constexpr", "HAS_SOFTCAP": "constexpr", "RETURN_STATS": "constexpr", "BLOCK_V": "constexpr",
+        "HAS_LABELS": "constexpr", "HAS_SOFTCAP": "constexpr", "RETURN_STATS": "constexpr",
+        "RETURN_RAW": "constexpr", "BLOCK_V": "constexpr",
     }
 
 
-def _variants(dtype: torch.dtype, vocab: int):
+def _variants(dtype: torch.dtype, vocab: int, shard_only: bool = False):
     """(name, jit fn, signature, constexprs, num_warps, block) of every kernel the launchers can run on
-    logits of ``dtype`` with ``vocab`` columns."""
+    logits of ``dtype`` with ``vocab`` columns (``shard_only``: those the vocab-parallel ops launch)."""
     from .._kernels import _token_logprobs_bwd_kernel, _token_logprobs_fwd_kernel
     from .triton_path import accumulation_dtype, launch_config
 
     block, warps = launch_config(vocab, dtype)
     t = "*" + _triton_type(dtype)
     acc = _triton_type(accumulation_dtype(dtype))
-    for has_labels in (True, False):
-        for softcap in (False, True):
-            for stats in (False, True):
-                consts = {"HAS_LABELS": has_labels, "HAS_SOFTCAP": softcap, "RETURN_STATS": stats, "BLOCK_V": block}
-                yield (variant_name("_token_logprobs_fwd_kernel", consts), _token_logprobs_fwd_kernel,
-                       _fwd_signature(t, acc, has_labels, stats), consts, warps, block)
+    for raw in (False, True) if not shard_only else (True,):
+        for has_labels in (True, False):
+            for softcap in (False, True):
+                for stats in (False, True):
+                    consts = {"HAS_LABELS": has_labels, "HAS_SOFTCAP": softcap, "RETURN_STATS": stats,
+                              "RETURN_RAW": raw, "BLOCK_V": block}
+                    yield (variant_name("_token_logprobs_fwd_kernel", consts), _token_logprobs_fwd_kernel,
+                           _fwd_signature(t, acc, has_labels, stats, raw), consts, warps, block)
     bwd_sig = {
         "logits_ptr": t, "grad_logits_ptr": t, "labels_ptr": "*i64", "lse_ptr": "*" + acc, "entropy_ptr": "*" + acc,
         "grad_logp_ptr": "*" + acc, "grad_entropy_ptr": "*" + acc, "seq_len": "i32", "vocab_size": "i32",
@@ -272,6 +312,9 @@ def compile_report(archs=ARCHS, dtypes=tuple(DTYPES), vocabs=VOCABS) -> list[Ker
             for vocab in vocabs:
                 for variant in _variants(DTYPES[dname], vocab):
                     add(arch, dname, vocab, *variant)
+            for vocab in shard_vocabs(DTYPES[dname], vocabs):
+                for variant in _variants(DTYPES[dname], vocab, shard_only=True):
+                    add(arch, dname, vocab, *variant)
         for value_dtype in REDUCE_DTYPES:
             for variant in _reduce_variants(value_dtype):
                 add(arch, value_dtype, None, *variant)
@@ -299,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(reports))
     print(f"\nThe memory mode ({', '.join(MEMORY_MODE_OPS)}) launches the same variants as the logits-level ops "
           "(kernels, constexprs, dtypes, warps); its in-place backward passes one buffer as logits and gradient.")
+    shards = sorted({v for d in args.dtype for v in shard_vocabs(DTYPES[d], args.vocab)})
+    print(f"The vocab-parallel ops ({', '.join(VP_OPS)}) launch the _raw forward variants and the backward "
+          f"variants at the width of their shard; the rows at V = {', '.join(map(str, shards)) or '(none)'} are "
+          f"shards of the vocabularies above split over {', '.join(map(str, SHARD_TPS))} ranks with a launch "
+          "configuration of their own.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in reports], f, indent=1)

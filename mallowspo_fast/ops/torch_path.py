@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from .torch_rows import compute_dtype, rows_backward, rows_forward
+from .torch_rows import compute_dtype, rows_backward, rows_forward, rows_forward_raw
 from .transform import LogitTransform, RowStats
 
 # Bytes of one chunk of compute-dtype logits in the eager route: small enough to keep the temporaries of
@@ -115,7 +115,8 @@ def _kernel(name: str):
         fn = _CompileState.kernels.get(name)
         if fn is None:
             fn = _CompileState.kernels[name] = torch.compile(
-                {"fwd": _compiled_forward, "bwd": _compiled_backward}[name], dynamic=None, fullgraph=True)
+                {"fwd": _compiled_forward, "bwd": _compiled_backward, "fwd_raw": _compiled_forward_raw}[name],
+                dynamic=None, fullgraph=True)
     return fn
 
 
@@ -349,3 +350,62 @@ def sequence_reduce(labels: torch.Tensor, logps: torch.Tensor, entropy: torch.Te
     """(Σ logps [B], mean entropy over the unmasked tokens [B] (0 when none), num_tokens [B] int64)."""
     num_tokens = (labels != ignore_index).sum(-1)
     return logps.sum(-1), entropy.sum(-1) / num_tokens.clamp(min=1).to(entropy.dtype), num_tokens
+
+
+# ----------------------------------------------------------------------------------------------------
+# Raw accumulators of a vocabulary shard (``vocab_parallel``): the same two routes, [B, T, K] out
+
+
+def num_raw(return_stats: bool) -> int:
+    """Values per row of :func:`forward_raw`: m, s, w, z[label] (+ q, Σ z, first index of the max)."""
+    return 7 if return_stats else 4
+
+
+def _compiled_forward_raw(z, labels, mask, pre, post, softcap: bool, stats: bool):
+    return rows_forward_raw(z, labels, mask, pre, post, softcap=softcap, stats=stats, acc=COMPILED_ACC)
+
+
+def _compiled_raw_rows(logits, labels, mask, transform, return_stats, out) -> None:
+    pre, post = _scalars(transform, logits.dtype, logits.device)
+    for idx, z in _row_blocks(logits):
+        lab = None if labels is None else labels[idx].reshape(-1)
+        msk = None if mask is None else mask[idx].reshape(-1)
+        rows = z.shape[0]
+        if rows == 0:
+            continue
+        if rows == 1:
+            z, lab, msk = _twice(z), _twice(lab), _twice(msk)
+        val = _call_compiled("fwd_raw", z, lab, msk, pre, post, softcap=transform.has_softcap, stats=return_stats)
+        out[idx] = val[:rows].view(out[idx].shape)
+
+
+def _eager_raw_rows(logits, labels, mask, transform, return_stats, out) -> None:
+    batch, seq, vocab = logits.shape
+    pre, post = _scalars(transform, logits.dtype, logits.device)
+    flat = out.view(batch * seq, -1)
+    for idx, n in _chunks(_live_rows(mask, batch * seq, logits.device), chunk_rows(vocab, logits.dtype)):
+        val = rows_forward_raw(_gather(logits, seq, idx), _gather(labels, seq, idx), _gather(mask, seq, idx), pre,
+                               post, softcap=transform.has_softcap, stats=return_stats,
+                               acc=compute_dtype(logits.dtype))
+        flat[idx[:n]] = val[:n]
+
+
+def forward_raw(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int, transform: LogitTransform,
+                return_stats: bool = False) -> torch.Tensor:
+    """The raw accumulators of one vocabulary shard, [B, T, K] (K = :func:`num_raw`) in the compute dtype:
+    per row m, s, w, z[label] [, q, Σ z, first index of the max] (``torch_rows.rows_forward_raw``; the
+    Triton path's ``forward_raw`` has the same contract). ``labels`` are shard-local: an out-of-shard label
+    is any value outside [0, V) but ``ignore_index``. Masked rows give zeros."""
+    batch, seq, _ = logits.shape
+    mask = None if labels is None else labels != ignore_index
+    out = torch.zeros(batch, seq, num_raw(return_stats), dtype=compute_dtype(logits.dtype), device=logits.device)
+    if torch.compiler.is_compiling():  # inside a user's torch.compile: one traced call over every row
+        raw = rows_forward_raw(logits.reshape(batch * seq, -1), None if labels is None else labels.reshape(-1),
+                               None if mask is None else mask.reshape(-1),
+                               *_scalars(transform, logits.dtype, logits.device), softcap=transform.has_softcap,
+                               stats=return_stats, acc=torch.float64)
+        return raw.view(batch, seq, -1)
+    if not (use_compiled(logits) and _compiled_or_none(_compiled_raw_rows, logits, labels, mask, transform,
+                                                         return_stats, out)):
+        _eager_raw_rows(logits, labels, mask, transform, return_stats, out)
+    return out

@@ -90,3 +90,34 @@ def rows_backward(z, labels, mask, lse, entropy, g, h, g_lse, pre, post, *, soft
     if mask is not None:
         grad = torch.where(mask.unsqueeze(-1), grad, 0.0)
     return grad
+
+
+def rows_forward_raw(z, labels, mask, pre, post, *, softcap: bool, stats: bool, acc: torch.dtype):
+    """The raw accumulators of one vocabulary shard (``vocab_parallel``), one pass over logits ``z`` [R, V]
+    -> [R, K] in the compute dtype, K = 4 (7 with ``stats``): m = max z (−inf for a row of only −inf),
+    s = Σ e^{z−m}, w = Σ e^{z−m}·(z − m), z[label] (0 when the label is not a column of the shard)
+    [, q = Σ e^{2(z−m)}, Σ z, the first index of the max as a float (0 without labels)]. ``labels`` are
+    shard-local (out-of-shard rows hold any value outside [0, V) but the mask's); masked rows give zeros.
+    ``acc`` as in :func:`rows_forward`."""
+    cdt = compute_dtype(z.dtype)
+    zt, _ = _transformed(z.to(cdt), pre, post, softcap)
+    m = zt.amax(-1, keepdim=True)
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of only -inf: shift by 0
+    zm = (zt - shift).clamp(min=FLOOR[cdt])
+    e = torch.exp(zm)
+    cols = [m.squeeze(-1), e.to(acc).sum(-1).to(cdt), (e.to(acc) * zm.to(acc)).sum(-1).to(cdt)]
+    if labels is None:
+        cols.append(torch.zeros_like(cols[0]))
+    else:
+        owned = mask & (labels >= 0) & (labels < zt.shape[-1])
+        safe = torch.where(owned, labels, torch.zeros_like(labels))
+        cols.append(torch.where(owned, zt.gather(-1, safe.unsqueeze(-1)).squeeze(-1), 0.0))
+    if stats:
+        cols.append((e.to(acc) * e.to(acc)).sum(-1).to(cdt))
+        cols.append(zt.to(acc).sum(-1).to(cdt))
+        first = zt.argmax(-1).to(cdt) if labels is not None else torch.zeros_like(cols[0])  # first index on ties
+        cols.append(first)
+    raw = torch.stack(cols, dim=-1)
+    if mask is not None:
+        raw = torch.where(mask.unsqueeze(-1), raw, 0.0)
+    return raw

@@ -10,7 +10,8 @@ Launch heuristics (one program per token; V is streamed in blocks of BLOCK_V col
   stay far below the register limit (checked by the AOT report: zero spills at V up to 256000).
 Per-call scalars (seq_len, V, ignore_index, the transform's pre and post) are runtime arguments:
 changing them never recompiles. The compile-time flags come from the arguments: HAS_LABELS (labels
-given), HAS_SOFTCAP (``transform.has_softcap``), RETURN_STATS, HAS_GRAD_* (upstream grads given).
+given), HAS_SOFTCAP (``transform.has_softcap``), RETURN_STATS, RETURN_RAW (``forward_raw``: a vocabulary
+shard's raw accumulators), HAS_GRAD_* (upstream grads given).
 """
 
 from __future__ import annotations
@@ -94,13 +95,55 @@ def forward(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
         _token_logprobs_fwd_kernel[(batch * seq,)](
             logits, lab, logp if has_labels else lse, entropy, lse,
             log_sum_sq if return_stats else lse, mean if return_stats else lse, top1 if top1 is not None else lse,
-            seq, vocab,
+            lse, seq, vocab,
             logits.stride(0), logits.stride(1), lab.stride(0), lab.stride(1),
             ignore_index, transform.pre, transform.post, transform.pre, transform.post,
-            HAS_LABELS=has_labels, HAS_SOFTCAP=transform.has_softcap, RETURN_STATS=return_stats,
+            HAS_LABELS=has_labels, HAS_SOFTCAP=transform.has_softcap, RETURN_STATS=return_stats, RETURN_RAW=False,
             BLOCK_V=block, num_warps=warps,
         )
     return RowStats(logp, entropy, lse, log_sum_sq, mean, top1)
+
+
+def num_raw(return_stats: bool) -> int:
+    """Values per row of :func:`forward_raw`: m, s, w, z[label] (+ q, Σ z, first index of the max)."""
+    return 7 if return_stats else 4
+
+
+def check_raw_index_exact(vocab: int, acc: torch.dtype, return_stats: bool, where: str) -> None:
+    """The index of the max travels as a float: exact below 2^24 columns in fp32 (2^53 in float64)."""
+    if return_stats and acc == torch.float32 and vocab > 2**24:
+        raise ValueError(f"{where}: return_stats needs at most 2^24 columns per shard in fp32, got {vocab}")
+
+
+def forward_raw(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int, transform: LogitTransform,
+                return_stats: bool = False) -> torch.Tensor:
+    """The raw per-row accumulators of one shard of the vocabulary, for an exact combination across shards
+    (``vocab_parallel``): [B, T, K] in the accumulation dtype with K = :func:`num_raw`, per row
+    m = max z, s = Σ e^{z−m}, w = Σ e^{z−m}·(z − m), z[label] (0 when no column of the shard is the label:
+    the caller passes shard-local labels, out-of-shard ones as any negative value but ``ignore_index``)
+    and with ``return_stats`` q = Σ e^{2(z−m)}, Σ z and the first index of the max (a float; 0 without
+    labels). Masked rows (label == ignore_index) are not read and give zeros. Same pass, same reads as
+    :func:`forward`; only the per-row values written differ."""
+    _check_logits(logits, "triton_path.forward_raw")
+    _check_labels(labels, logits.shape[:2], "triton_path.forward_raw")
+    batch, seq, vocab = logits.shape
+    acc = accumulation_dtype(logits.dtype)
+    check_raw_index_exact(vocab, acc, return_stats, "triton_path.forward_raw")
+    raw = torch.empty(batch, seq, num_raw(return_stats), dtype=acc, device=logits.device)
+    if batch * seq > 0:
+        block, warps = launch_config(vocab, logits.dtype)
+        has_labels = labels is not None
+        lab = labels if has_labels else _unused_int64(logits.device)
+        # Only raw_ptr is written: every other output slot gets the raw buffer (compiled away).
+        _token_logprobs_fwd_kernel[(batch * seq,)](
+            logits, lab, raw, raw, raw, raw, raw, raw, raw,
+            seq, vocab,
+            logits.stride(0), logits.stride(1), lab.stride(0), lab.stride(1),
+            ignore_index, transform.pre, transform.post, transform.pre, transform.post,
+            HAS_LABELS=has_labels, HAS_SOFTCAP=transform.has_softcap, RETURN_STATS=return_stats, RETURN_RAW=True,
+            BLOCK_V=block, num_warps=warps,
+        )
+    return raw
 
 
 def _upstream(grad: torch.Tensor | None, batch: int, seq: int, acc: torch.dtype) -> torch.Tensor | None:

@@ -1,5 +1,6 @@
 """Ahead-of-time compilation of every kernel for sm_80 and sm_90, without a GPU (docs/kernels.md
-§Verification without a GPU), and coverage of every launch the public ops make, the memory mode included."""
+§Verification without a GPU), and coverage of every launch the public ops make, the memory mode and the
+vocab-parallel ops (on a one-rank gloo group, at full and at shard widths) included."""
 
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+from vp_ranks import free_port
 
 import mallowspo_fast as mpf
 from mallowspo_fast.ops import aot, triton_path
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 KERNELS = ("_token_logprobs_fwd_kernel", "_token_logprobs_bwd_kernel", "_sequence_reduce_kernel")
-FWD = {"fwd" + labels + cap + stats for labels in ("", "_nolabels") for cap in ("", "_softcap")
-       for stats in ("", "_stats")}
+FWD = {"fwd" + labels + cap + stats + raw for labels in ("", "_nolabels") for cap in ("", "_softcap")
+       for stats in ("", "_stats") for raw in ("", "_raw")}
+FWD_RAW = {name for name in FWD if name.endswith("_raw")}
 BWD = {"bwd" + grads + cap for grads in ("", "_logp_only", "_entropy_only") for cap in ("", "_softcap")}
 BWD |= {"bwd_nolabels" + grads + cap for grads in ("", "_lse_only", "_entropy_only") for cap in ("", "_softcap")}
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -39,10 +43,16 @@ def report(tmp_path_factory):
 def test_every_kernel_compiles_for_both_archs_all_dtypes_and_vocabs(report):
     rows, _ = report
     combos = {(r["kernel"], r["arch"], r["dtype"], r["vocab"], r["block"]) for r in rows}
-    # Forward: labels or not x soft cap or not x statistics or not; backward: which upstream grads x soft cap.
-    assert len(FWD) == 8 and len(BWD) == 12 and set(aot.USED_BY) == FWD | BWD | {"sequence_reduce"}
+    # Forward: labels or not x soft cap or not x statistics or not x raw (a vocabulary shard) or not;
+    # backward: which upstream grads x soft cap.
+    assert len(FWD) == 16 and len(BWD) == 12 and set(aot.USED_BY) == FWD | BWD | {"sequence_reduce"}
     expected = {(k, a, d, v, triton_path.launch_config(v, aot.DTYPES[d])[0]) for k in FWD | BWD for a in (80, 90)
                 for d in ("bf16", "fp16", "fp32", "fp64") for v in (32000, 128256, 151936, 256000)}
+    # The vocab-parallel ops' variants at the shard widths with a launch configuration of their own: a 4000-column
+    # shard (32000 over 8 ranks) in bf16/fp16 takes BLOCK_V = 4096 and 8 warps, which no full vocabulary does.
+    assert {d: aot.shard_vocabs(t) for d, t in aot.DTYPES.items()} == {"bf16": (4000,), "fp16": (4000,), "fp32": (),
+                                                                     "fp64": ()}
+    expected |= {(k, a, d, 4000, 4096) for k in FWD_RAW | BWD for a in (80, 90) for d in ("bf16", "fp16")}
     # The per-sequence reduction depends on T only: one row per BLOCK_T, 16 ... 1024, and per dtype of the
     # values it sums (fp32; fp64 for fp64 logits).
     expected |= {("sequence_reduce", a, d, None, 2**i) for a in (80, 90) for d in ("fp32", "fp64")
@@ -65,6 +75,8 @@ def test_resources_are_plausible_and_printed(report):
     assert "| fwd | 90 | bf16 | 128256 |" in stdout and "| fwd_softcap_stats | 80 | fp64 | 32000 |" in stdout
     assert "linear_token_logprobs, linear_sequence_logprobs |" in stdout  # the used-by column
     assert "The memory mode (linear_token_logprobs, linear_sequence_logprobs) launches the same" in stdout
+    assert "| fwd_softcap_stats_raw | 90 | bf16 | 4000 | 4096 | 8 |" in stdout
+    assert "the rows at V = 4000 are shards of the vocabularies above split over 2, 4, 8 ranks" in stdout
 
 
 # ----------------------------------------------------------------------- launches of the public ops
@@ -95,21 +107,24 @@ def _accepts(fn, options: dict) -> bool:
 
 def _call(op: str, logits_source: torch.Tensor, upstream: str, inplace: bool, **options) -> None:
     """One forward + backward of a public op on its Triton path; ``upstream``: which outputs get grads;
-    ``options``: the transform / statistics keywords (the call is skipped where the op takes none)."""
+    ``options``: the transform / statistics keywords (the call is skipped where the op takes none). The
+    vocab-parallel ops run on the one-rank group, their shard being the whole of ``logits_source``."""
     fn = getattr(mpf, op)
     if not _accepts(fn, options):
         return
+    if op in aot.VP_OPS:
+        options = dict(options, vocab_start=0)
     gen = torch.Generator().manual_seed(0)
     vocab, device, dtype = logits_source.shape[-1], logits_source.device, logits_source.dtype
     labels = torch.randint(0, vocab, (2, 5), generator=gen)
     labels[0, :2] = -100
     labels = labels.to(device)
     logits = logits_source.detach().clone().requires_grad_(True)
-    if op in aot.ENTROPY_OPS:  # no labels: upstream grads on entropy and/or lse
+    if op in aot.ENTROPY_OPS + aot.VP_ENTROPY_OPS:  # no labels: upstream grads on entropy and/or lse
         out = fn(logits[:, :-1], backend="triton", inplace_backward=inplace, **options)
         outputs = {"both": [out.entropy, out.lse], "logp": [out.lse], "entropy": [out.entropy]}[upstream]
     else:
-        if op.startswith("linear"):
+        if "linear" in op:
             hidden = torch.randn(2, 5, 8, generator=gen).to(device, dtype).requires_grad_(True)
             weight = torch.randn(vocab, 8, generator=gen).to(device, dtype).requires_grad_(True)
             out = fn(hidden, weight, labels, backend="triton", **options)
@@ -122,27 +137,34 @@ def _call(op: str, logits_source: torch.Tensor, upstream: str, inplace: bool, **
 @pytest.fixture(scope="module")
 def launches():
     """(op, dtype, V) -> launches recorded over every upstream-grad combination, in-place flag and soft
-    cap, and a call with the statistics (soft cap or not)."""
+    cap, and a call with the statistics (soft cap or not). The vocab-parallel ops also at the shard widths
+    with a launch configuration of their own."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: conftest sets TRITON_INTERPRET=1
     found: dict[tuple, set] = {}
     saved = {k: getattr(triton_path, k) for k in KERNELS}
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    all_ops = aot.LOGITS_OPS + aot.MEMORY_MODE_OPS + aot.ENTROPY_OPS + aot.VP_OPS
     try:
         for dtype in DTYPE_NAMES:
-            for vocab in aot.VOCABS:
+            widths = [(v, all_ops) for v in aot.VOCABS] + [(v, aot.VP_OPS) for v in aot.shard_vocabs(dtype)]
+            for vocab, ops in widths:
                 source = torch.randn(2, 6, vocab, generator=torch.Generator().manual_seed(vocab)).to(device, dtype)
-                for op in aot.LOGITS_OPS + aot.MEMORY_MODE_OPS + aot.ENTROPY_OPS:
+                for op in ops:
                     log: list = []
                     for k in KERNELS:
                         setattr(triton_path, k, _Recorder(k, log))
+                    in_place = (False,) if op in aot.MEMORY_MODE_OPS + aot.VP_MEMORY_MODE_OPS else (False, True)
                     for softcap in ({}, {"softcap": 30.0}):
                         for upstream in ("both", "logp", "entropy"):
-                            for inplace in (False, True) if op not in aot.MEMORY_MODE_OPS else (False,):
+                            for inplace in in_place:
                                 _call(op, source, upstream, inplace, **softcap)
                         _call(op, source, "both", False, return_stats=True, **softcap)
                     found[(op, DTYPE_NAMES[dtype], vocab)] = set(log)
     finally:
         for k, fn in saved.items():
             setattr(triton_path, k, fn)
+        dist.destroy_process_group()
     return found
 
 
@@ -186,7 +208,7 @@ def test_used_by_lists_exactly_the_ops_that_launch_each_variant(launches):
 def test_memory_mode_backward_writes_in_place_into_its_chunk(launches):
     for (op, _, _), found in launches.items():
         bwd = [launch for launch in found if launch[0].startswith("bwd")]
-        if op in aot.MEMORY_MODE_OPS:
+        if op in aot.MEMORY_MODE_OPS + aot.VP_MEMORY_MODE_OPS:
             assert bwd and all(launch[4] for launch in bwd), (op, found)
         else:  # the logits-level ops alias only on request (inplace_backward=True)
             assert {launch[4] for launch in bwd} == {False, True}, (op, found)

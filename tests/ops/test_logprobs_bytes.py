@@ -5,7 +5,8 @@ records the address of every element touched, so "each unmasked logit is read ex
 a set equality with multiplicities, not an argument. The launchers of the Triton backend
 (``triton_path.forward`` / ``backward`` / ``sequence_reduce``) are called directly, with every
 compile-time flag: the soft cap and the statistics change what is computed per element, never what is
-read or written per element.
+read or written per element. The raw forward of a vocabulary shard (``forward_raw``, the vocab-parallel
+ops) is held to the same reads.
 """
 
 from __future__ import annotations
@@ -146,6 +147,33 @@ def test_no_labels_forward_reads_every_logit_once_and_writes_two_floats_per_row(
     assert _total(loads) == nbytes == logits.shape[0] * logits.shape[1] * vocab * full.element_size()
     assert _total(stores) == (4 if stats else 2) * 4 * 3 * 6
     assert out.logps is None and out.is_top1 is None and out.entropy.shape == (3, 6)
+
+
+@pytest.mark.parametrize("flags", list(FLAGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("with_labels", [True, False], ids=["labels", "nolabels"])
+def test_raw_forward_of_a_vocabulary_shard_has_the_forward_budget(dtype, flags, with_labels):
+    """RETURN_RAW (the vocab-parallel forward): the same reads as the forward, and its K raw values per row
+    (4, or 7 with the statistics) written instead of the per-row results, masked rows included (zeros)."""
+    transform, stats = FLAGS[flags]
+    vocab = 5000
+    full = torch.randn(3, 7, vocab).to(dtype)
+    logits = full[:, :-1]
+    labels = _masked_labels(vocab) if with_labels else None
+    if with_labels:
+        labels[1, 1] = -1  # a label of another shard: no column here
+    with record_memory_traffic() as (loads, stores):
+        raw = triton_path.forward_raw(logits, labels, IGNORE, transform, stats)
+    mask = labels if with_labels else torch.zeros(3, 6, dtype=torch.long)
+    counts, nbytes = _in_buffer(loads, full)
+    expected = _expected_elements(logits, mask)
+    assert set(counts) == set(expected) and max(counts.values()) == 1
+    assert nbytes == len(expected) * full.element_size()
+    assert _total(loads) == nbytes + (8 * mask.numel() if with_labels else 0)
+    acc = 8 if dtype == torch.float64 else 4
+    assert _total(stores) == (7 if stats else 4) * acc * mask.numel()
+    written, _ = _in_buffer(stores, raw)
+    assert len(written) == raw.numel() and max(written.values()) == 1
 
 
 def test_sequence_reduce_reads_the_per_token_values_once_and_writes_three_per_sequence():
