@@ -206,9 +206,13 @@ def vocab_parallel_token_logprobs(
             of every position (:func:`vocab_parallel_token_entropy`).
         vocab_start: the first vocabulary id of this rank's shard.
         group: the tensor-parallel process group (None: the default group).
-        ignore_index, temperature, softcap, logit_scale, inplace_backward, return_stats: as in
-            :func:`~mallowspo_fast.ops.logprobs.token_logprobs` (elementwise transforms apply per shard).
+        ignore_index: label value of masked positions.
+        temperature: positive divisor of the logits (elementwise, like the two below: applied per shard).
+        softcap: optional soft cap of the logits.
+        logit_scale: multiplier of the logits applied first.
         backend: "triton", "torch" or None (triton on CUDA, torch elsewhere); no "reference".
+        inplace_backward: the backward writes the shard's gradient into its logits buffer.
+        return_stats: also return log Σp², the mean logit and whether the label is the top-1 token.
 
     Returns:
         As :func:`~mallowspo_fast.ops.logprobs.token_logprobs` on the full vocabulary, identical on every rank:
@@ -261,16 +265,20 @@ def vocab_parallel_token_entropy(
     """:func:`~mallowspo_fast.ops.logprobs.token_entropy` over logits split by vocabulary across ``group``:
     the entropy and the logsumexp of every position of the full vocabulary, from each rank's shard.
 
-    Two all-reduces of O(N) floats: a max of 1 float per row, a sum of 2 used floats per row (the buffer has
-    the label slot too: 3, or 7 with ``return_stats``) plus one per call; a local backward.
+    Two all-reduces of O(N) floats: a max of 1 float per row, a sum of 2 floats per row (4 with
+    ``return_stats``) plus one per call; a local backward.
 
     Args:
         logits: [..., V_r] this rank's shard (any widths; the shards tile the vocabulary).
         vocab_start: the first vocabulary id of the shard; without labels only the statistics' top-1 would need
             it, and there is none, so any value serves (kept for a uniform call).
         group: the tensor-parallel process group (None: the default group).
-        temperature, softcap, logit_scale, backend, inplace_backward, return_stats: as in
-            :func:`vocab_parallel_token_logprobs`.
+        temperature: positive divisor of the logits.
+        softcap: optional soft cap of the logits.
+        logit_scale: multiplier of the logits applied first.
+        backend: "triton", "torch" or None; no "reference".
+        inplace_backward: the backward writes the shard's gradient into its logits buffer.
+        return_stats: also return log Σp² and the mean logit of every position.
 
     Returns:
         TokenEntropy(entropy, lse) of the full vocabulary (TokenStats with ``return_stats``), identical on
@@ -311,8 +319,14 @@ def vocab_parallel_sequence_logprobs(
     Args:
         logits: [B, T, V_r] this rank's shard.
         labels: [B, T] global ids, the same on every rank (``ignore_index`` marks prompt and padding).
-        vocab_start, group, ignore_index, temperature, softcap, logit_scale, backend, inplace_backward: as in
-            :func:`vocab_parallel_token_logprobs`.
+        vocab_start: the first vocabulary id of this rank's shard.
+        group: the tensor-parallel process group (None: the default group).
+        ignore_index: label value of masked positions.
+        temperature: positive divisor of the logits.
+        softcap: optional soft cap of the logits.
+        logit_scale: multiplier of the logits applied first.
+        backend: "triton", "torch" or None; no "reference".
+        inplace_backward: the backward writes the shard's gradient into its logits buffer.
 
     Returns:
         SequenceLogprobs(logps [B], entropy [B], num_tokens [B]) of the full vocabulary, identical on every rank.

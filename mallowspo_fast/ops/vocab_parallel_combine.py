@@ -12,8 +12,9 @@ and with the statistics ``q_r = Σ e^{2(z−m_r)}``, ``Σ z`` and the first inde
 
 every term kept relative to the global max, as in the single-device kernels (exact for |z| ~ 1e4 and
 under a shift). The collectives: an all-reduce (max) of ``m`` (1 float per row), then one all-reduce
-(sum) of ``[a·s, a·(w + (m − M)s), z[label]]`` (3 floats per row; 7 with the statistics) plus one
-float per call, the rank's ``V_r`` (their sum is V, for the mean logit and the label range).
+(sum) of ``[a·s, a·(w + (m − M)s), z[label]]`` (3 floats per row; 7 with the statistics; without labels
+2, or 4 with the statistics) plus one float per call, the rank's ``V_r`` (their sum is V, for the mean
+logit and the label range).
 
 The pieces are pure functions around the two collectives (:func:`pack`, :func:`finish`), so that a test can
 combine shards computed in one process with plain tensor reductions.
@@ -26,35 +27,37 @@ import torch.distributed as dist
 
 from .transform import RowStats
 
-# Columns of the summed buffer per row: S, W, z[label]; with the statistics also Q, Σ z, the owner's
-# "the label is the first max of my shard and my max is the global max", and the count of shards that
-# reach the global max at an index before the label (the first index wins on ties).
-NUM_SUMMED = 3
-NUM_SUMMED_STATS = 7
+# Columns of the summed buffer per row: S, W[, z[label]]; with the statistics also Q, Σ z and, with labels,
+# the owner's "the label is the first max of my shard and my max is the global max" and the count of
+# shards that reach the global max at an index before the label (the first index wins on ties).
+
+
+def num_summed(has_labels: bool, return_stats: bool) -> int:
+    """Floats per row of the summed buffer."""
+    return 2 + has_labels + (2 + 2 * has_labels if return_stats else 0)
 
 
 def pack(raw: torch.Tensor, global_max: torch.Tensor, labels: torch.Tensor | None, ignore_index: int,
          vocab_start: int, vocab_local: int, return_stats: bool) -> torch.Tensor:
-    """This shard's share of the sum: [N·P + 1] (P = 3, or 7 with the statistics), the last value this
-    shard's width. ``raw`` [N, K] from ``forward_raw``, ``global_max`` [N] the max of ``raw[:, 0]`` over the
-    ranks, ``labels`` [N] global ids (or None)."""
+    """This shard's share of the sum: [N·P + 1] (P = :func:`num_summed`), the last value this shard's width.
+    ``raw`` [N, K] from ``forward_raw``, ``global_max`` [N] the max of ``raw[:, 0]`` over the ranks, ``labels``
+    [N] global ids (or None)."""
     m, s, w, z_label = raw[:, 0], raw[:, 1], raw[:, 2], raw[:, 3]
     ref = torch.where(global_max == float("-inf"), torch.zeros_like(global_max), global_max)
     a = torch.exp(m - ref)  # 0 for a shard of only -inf logits (m = -inf)
     # (m − M)·s is 0 where s = 0 (a shard of only -inf, or a masked row): never -inf·0.
     d = torch.where(s > 0, m - ref, torch.zeros_like(m))
-    cols = [a * s, a * (w + d * s), z_label]
+    cols = [a * s, a * (w + d * s)] + ([z_label] if labels is not None else [])
     if return_stats:
         q, z_sum, first = raw[:, 4], raw[:, 5], raw[:, 6]
-        at_max = m == global_max
-        if labels is None:
-            owner_top1 = earlier_tie = torch.zeros_like(m)
-        else:
+        cols += [a * a * q, z_sum]
+        if labels is not None:
+            at_max = m == global_max
             local = labels - vocab_start
             owned = (local >= 0) & (local < vocab_local) & (labels != ignore_index)
             owner_top1 = (owned & at_max & (first == local.to(first.dtype))).to(m.dtype)
             earlier_tie = (~owned & at_max & (vocab_start + first < labels.to(first.dtype))).to(m.dtype)
-        cols += [a * a * q, z_sum, owner_top1, earlier_tie]
+            cols += [owner_top1, earlier_tie]
     width = torch.full((1,), float(vocab_local), dtype=raw.dtype, device=raw.device)
     return torch.cat([torch.stack(cols, dim=-1).reshape(-1), width])
 
@@ -63,32 +66,34 @@ def finish(global_max: torch.Tensor, summed: torch.Tensor, labels: torch.Tensor 
            return_stats: bool) -> tuple[RowStats, int]:
     """RowStats of [N] rows from the all-reduced max and sums, and V (the sum of the shards' widths).
     Masked rows give 0 (False); a label outside [0, V) gives a NaN log-prob (the callers on CPU raise)."""
-    width = NUM_SUMMED_STATS if return_stats else NUM_SUMMED
+    has_labels = labels is not None
     vocab = int(summed[-1].item()) if summed.device.type == "cpu" else None
-    rows = summed[:-1].view(-1, width)
+    rows = summed[:-1].view(-1, num_summed(has_labels, return_stats))
+    stat = 2 + has_labels  # first column of the statistics
     ref = torch.where(global_max == float("-inf"), torch.zeros_like(global_max), global_max)
     log_s = torch.log(rows[:, 0])
-    lse = ref + log_s
+    lse = ref + log_s  # (rounded at the scale of M: the log-prob below is formed without it)
     entropy = log_s - rows[:, 1] / rows[:, 0]
     log_sum_sq = mean = top1 = logp = None
     if return_stats:
-        log_sum_sq = torch.log(rows[:, 3]) - 2 * log_s
-        mean = rows[:, 4] / summed[-1]
+        log_sum_sq = torch.log(rows[:, stat]) - 2 * log_s
+        mean = rows[:, stat + 1] / summed[-1]
     if labels is not None:
         keep = labels != ignore_index
         valid = (labels >= 0) & (labels < summed[-1])
-        logp = torch.where(keep, torch.where(valid, rows[:, 2] - lse, float("nan")), 0.0)
+        # (z[label] − M) − log S: exact at |z| ~ 1e4, where z[label] − lse would carry lse's rounding (1e-3 in fp32)
+        logp = torch.where(keep, torch.where(valid, (rows[:, 2] - ref) - log_s, float("nan")), 0.0)
         entropy, lse = torch.where(keep, entropy, 0.0), torch.where(keep, lse, 0.0)
         if return_stats:
             log_sum_sq, mean = torch.where(keep, log_sum_sq, 0.0), torch.where(keep, mean, 0.0)
-            top1 = keep & valid & (rows[:, 5] == 1) & (rows[:, 6] == 0)
+            top1 = keep & valid & (rows[:, stat + 2] == 1) & (rows[:, stat + 3] == 0)
     return RowStats(logp, entropy, lse, log_sum_sq, mean, top1), vocab
 
 
 def combine(raw: torch.Tensor, labels: torch.Tensor | None, ignore_index: int, vocab_start: int, vocab_local: int,
             return_stats: bool, group) -> tuple[RowStats, int | None]:
     """The global RowStats of [N] rows from this rank's ``raw`` [N, K], over the ranks of ``group``: an
-    all-reduce (max) of N floats, then an all-reduce (sum) of 3·N + 1 (7·N + 1 with the statistics).
+    all-reduce (max) of N floats, then an all-reduce (sum) of P·N + 1 (P = :func:`num_summed`).
     Returns V too (None off CPU, where reading it would be a host sync)."""
     global_max = raw[:, 0].contiguous()
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)

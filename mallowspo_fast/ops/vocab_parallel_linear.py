@@ -174,9 +174,15 @@ def vocab_parallel_linear_token_logprobs(
         vocab_start: the first vocabulary id of this rank's rows.
         group: the tensor-parallel process group (None: the default group).
         bias: optional [V_r] bias of this rank's rows.
-        ignore_index, temperature, softcap, logit_scale, chunk_size, return_stats, fp32_logits: as in
-            :func:`~mallowspo_fast.ops.linear.linear_token_logprobs` (``chunk_size`` defaults by V_r).
+        ignore_index: label value of masked positions.
+        temperature: positive divisor of the logits.
+        softcap: optional soft cap of the logits.
+        logit_scale: multiplier of the logits applied first.
+        chunk_size: unmasked rows per chunk (None: about 48 MiB of fp32 logits of the shard on CPU, 256 MiB on
+            accelerators).
         backend: "triton", "torch" or None; no "reference".
+        return_stats: also return log Σp², the mean logit and whether the label is the top-1 token.
+        fp32_logits: keep each chunk's logits in fp32 when the products run in bf16/fp16 (None: on CUDA).
 
     Returns:
         TokenLogprobs(logps, entropy) (TokenStats with ``return_stats``) of the full vocabulary, identical on
@@ -232,8 +238,18 @@ def vocab_parallel_linear_sequence_logprobs(
 
     Args:
         hidden: [B, T, H] last hidden states, the same on every rank.
-        weight, labels, vocab_start, group, bias, ignore_index, temperature, softcap, logit_scale, chunk_size,
-            backend, fp32_logits: as in :func:`vocab_parallel_linear_token_logprobs`.
+        weight: [V_r, H] this rank's rows of the output layer.
+        labels: [B, T] global vocabulary ids, the same on every rank.
+        vocab_start: the first vocabulary id of this rank's rows.
+        group: the tensor-parallel process group (None: the default group).
+        bias: optional [V_r] bias of this rank's rows.
+        ignore_index: label value of masked positions.
+        temperature: positive divisor of the logits.
+        softcap: optional soft cap of the logits.
+        logit_scale: multiplier of the logits applied first.
+        chunk_size: unmasked rows per chunk (None: by V_r, as :func:`vocab_parallel_linear_token_logprobs`).
+        backend: "triton", "torch" or None; no "reference".
+        fp32_logits: as in :func:`vocab_parallel_linear_token_logprobs`.
 
     Returns:
         SequenceLogprobs(logps [B], entropy [B], num_tokens [B]) of the full vocabulary, identical on every rank.

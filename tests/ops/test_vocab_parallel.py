@@ -157,18 +157,29 @@ def test_large_logits_and_shifts_stay_exact(backend):
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(2, 4, 40, generator=gen, dtype=torch.float64) * 3
     labels = _labels(2, 4, 40, gen)
-    want_logp, want_h = mpf.ops.naive.naive_token_logprobs(base, labels, IGNORE, compute_dtype=torch.float64)
     for shift in (0.0, 1e4, -1e4):
         full = (base + shift).float()
-        # A shard far below the others (its own max 1e4 under the global one) adds its exact share, 0.
+        # float64 of the very fp32 inputs (the shifted ones are rounded at 1e4: ulp 1e-3)
+        want_logp, want_h = mpf.ops.naive.naive_token_logprobs(full.double(), labels, IGNORE,
+                                                               compute_dtype=torch.float64)
         rows, _ = _combine_in_process(impl, full, labels, (0, 9, 23, 40), IDENTITY, False)
-        # fp32 rounding of the shifted inputs (ulp(1e4) ~ 1e-3) is the only error: none from the combination.
         ref = impl.forward(full, labels, IGNORE, IDENTITY, False)
-        torch.testing.assert_close(rows.logps, ref.logps, rtol=1e-6, atol=1e-5)
+        # H is kept relative to the max and the log-prob is formed as (z[label] − M) − log S: as exact at 1e4 as
+        # at 0 (z[label] − lse would carry the rounding of lse at 1e4, 1e-3 in fp32).
         torch.testing.assert_close(rows.entropy, ref.entropy, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(rows.entropy.double(), want_h, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rows.logps.double(), want_logp, rtol=1e-6, atol=1e-5)
         if shift == 0.0:
-            torch.testing.assert_close(rows.logps.double(), want_logp, rtol=1e-6, atol=1e-5)
-            torch.testing.assert_close(rows.entropy.double(), want_h, rtol=1e-6, atol=1e-5)
+            torch.testing.assert_close(rows.logps, ref.logps, rtol=1e-6, atol=1e-5)
+    # A shard whose logits sit 1e4 under the others' adds exactly nothing (its e^{m_r − M} underflows to 0), and
+    # the shard holding the max alone carries the row.
+    far = base.clone()
+    far[..., 23:] -= 1e4
+    far = far.float()
+    rows, _ = _combine_in_process(impl, far, labels, (0, 9, 23, 40), IDENTITY, False)
+    want_logp, want_h = mpf.ops.naive.naive_token_logprobs(far.double(), labels, IGNORE, compute_dtype=torch.float64)
+    torch.testing.assert_close(rows.entropy.double(), want_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows.logps.double(), want_logp, rtol=1e-6, atol=1e-5)  # some about -1e4
 
 
 def test_local_labels_never_collide_with_ignore_index():
