@@ -217,6 +217,32 @@ def test_one_rank_equals_the_single_device_ops(one_rank_group):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_one_rank_rows_all_masked_and_the_memory_mode(one_rank_group):
+    """Nothing unmasked anywhere (empty collectives), and the memory mode on one rank against its single-device
+    form (values and the gradients of hidden, weight and bias)."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 3, 16, generator=gen, requires_grad=True)
+    none = torch.full((2, 3), IGNORE)
+    out = mpf.vocab_parallel_token_logprobs(logits, none, vocab_start=0, backend="torch")
+    (out.logps.sum() + out.entropy.sum()).backward()
+    assert not out.logps.any() and not out.entropy.any() and not logits.grad.any()
+    hidden = torch.randn(2, 3, 8, generator=gen, requires_grad=True)
+    weight, bias = torch.randn(16, 8, generator=gen, requires_grad=True), torch.randn(16, generator=gen,
+                                                                                       requires_grad=True)
+    tok = mpf.vocab_parallel_linear_token_logprobs(hidden, weight, none, vocab_start=0, bias=bias, chunk_size=2)
+    (tok.logps.sum() + tok.entropy.sum()).backward()
+    assert not tok.logps.any() and not hidden.grad.any() and not weight.grad.any() and not bias.grad.any()
+    labels = _labels(2, 3, 16, gen)
+    grads = []
+    for fn, kw in ((mpf.vocab_parallel_linear_token_logprobs, dict(vocab_start=0)), (mpf.linear_token_logprobs, {})):
+        params = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        tok = fn(params[0], params[1], labels, bias=params[2], chunk_size=2, temperature=0.7, **kw)
+        ((tok.logps * 2).sum() + tok.entropy.sum()).backward()
+        grads.append((tok.logps.detach(), tok.entropy.detach(), *(p.grad for p in params)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_argument_errors(one_rank_group):
     logits, labels = torch.randn(2, 3, 8), torch.randint(0, 8, (2, 3))
     with pytest.raises(ValueError, match="vocab_start must be a non-negative int"):
@@ -231,6 +257,9 @@ def test_argument_errors(one_rank_group):
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 8\).*found 8 at position \(0, 1\)"):
         mpf.vocab_parallel_token_logprobs(logits, labels.index_put((torch.tensor(0), torch.tensor(1)),
                                                                    torch.tensor(8)), vocab_start=0)
+    with pytest.raises(ValueError, match=r"found 8 at position \(2,\)"):  # memory mode: the caller's position
+        mpf.vocab_parallel_linear_token_logprobs(torch.randn(4, 5), torch.randn(8, 5), torch.tensor([IGNORE, 1, 8, 2]),
+                                                 vocab_start=0)
     with pytest.raises(ValueError, match="labels are required"):
         mpf.vocab_parallel_sequence_logprobs(logits, None, vocab_start=0)
     with pytest.raises(ValueError, match=r"expected weight \[V, H\]"):
