@@ -167,7 +167,7 @@ def _fwd_signature(logits: str, acc: str, has_labels: bool, return_stats: bool, 
     out = "*" + acc
     return {
         "logits_ptr": logits, "labels_ptr": "*i64", "logp_ptr": out, "entropy_ptr": out, "lse_ptr": out,
-        "log_sum_sq_probs_ptr": out, "mean_logits_ptr": out,
+        "lse_lo_ptr": out, "log_sum_sq_probs_ptr": out, "mean_logits_ptr": out,
         "is_top1_ptr": "*i1" if has_labels and return_stats else out, "raw_ptr": out,
         "seq_len": "i32", "vocab_size": "i32",
         "stride_logits_b": "i64", "stride_logits_t": "i64", "stride_labels_b": "i64", "stride_labels_t": "i64",
@@ -195,8 +195,9 @@ def _variants(dtype: torch.dtype, vocab: int, shard_only: bool = False):
                     yield (variant_name("_token_logprobs_fwd_kernel", consts), _token_logprobs_fwd_kernel,
                            _fwd_signature(t, acc, has_labels, stats, raw), consts, warps, block)
     bwd_sig = {
-        "logits_ptr": t, "grad_logits_ptr": t, "labels_ptr": "*i64", "lse_ptr": "*" + acc, "entropy_ptr": "*" + acc,
-        "grad_logp_ptr": "*" + acc, "grad_entropy_ptr": "*" + acc, "seq_len": "i32", "vocab_size": "i32",
+        "logits_ptr": t, "grad_logits_ptr": t, "labels_ptr": "*i64", "lse_ptr": "*" + acc,
+        "lse_lo_ptr": "*" + acc, "entropy_ptr": "*" + acc, "grad_logp_ptr": "*" + acc,
+        "grad_entropy_ptr": "*" + acc, "seq_len": "i32", "vocab_size": "i32",
         **{f"stride_{n}_{d}": "i64" for n in ("logits", "grad", "labels", "glogp", "gent") for d in "bt"},
         "ignore_index": "i32", "pre": "fp32", "post": "fp32", "pre_fp64": "fp64", "post_fp64": "fp64",
         "HAS_GRAD_LOGP": "constexpr", "HAS_GRAD_ENTROPY": "constexpr", "HAS_LABELS": "constexpr",

@@ -26,6 +26,11 @@ def backend_module(name: str) -> types.ModuleType:
     return torch_path
 
 
+def _residual(lse_lo):
+    """The lse residual for a backend's backward, when its forward gave one (RowStats.lse_lo)."""
+    return {} if lse_lo is None else {"lse_lo": lse_lo}
+
+
 class TokenLogprobsFunction(torch.autograd.Function):
     """logits [B, T, V], labels [B, T] or None -> with labels (logps, entropy[, log_sum_sq_probs, mean_logits,
     is_top1]); without (entropy, lse[, log_sum_sq_probs, mean_logits]). The statistics are not differentiable."""
@@ -38,7 +43,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         # The saved statistics are copies of what is returned ([B, T] floats): a caller editing a result in
         # place must not change the backward.
         lse = rows.lse.clone() if labels is None else rows.lse
-        ctx.save_for_backward(logits, labels, lse, rows.entropy.clone())
+        ctx.save_for_backward(logits, labels, lse, rows.entropy.clone(), rows.lse_lo)
         ctx.ignore_index, ctx.transform, ctx.inplace, ctx.impl = ignore_index, transform, inplace, impl
         ctx.has_labels = labels is not None
         ctx.set_materialize_grads(False)
@@ -53,7 +58,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        logits, labels, lse, entropy = ctx.saved_tensors
+        logits, labels, lse, entropy, lse_lo = ctx.saved_tensors
         if ctx.has_labels:
             g, h, g_lse = grads[0], grads[1], None
         else:
@@ -61,7 +66,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         if g is None and h is None and g_lse is None:
             return (None,) * 7
         grad = ctx.impl.backward(logits, labels, lse, entropy, g, h, g_lse, ctx.ignore_index, ctx.transform,
-                                 ctx.inplace)
+                                 ctx.inplace, **_residual(lse_lo))
         return grad, None, None, None, None, None, None
 
 
@@ -74,7 +79,7 @@ class SequenceLogprobsFunction(torch.autograd.Function):
         impl = backend_module(backend)
         rows = impl.forward(logits, labels, ignore_index, transform, False)
         seq_logps, seq_entropy, num_tokens = impl.sequence_reduce(labels, rows.logps, rows.entropy, ignore_index)
-        ctx.save_for_backward(logits, labels, rows.lse, rows.entropy, num_tokens)
+        ctx.save_for_backward(logits, labels, rows.lse, rows.entropy, num_tokens, rows.lse_lo)
         ctx.ignore_index, ctx.transform, ctx.inplace, ctx.impl = ignore_index, transform, inplace, impl
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(num_tokens)
@@ -84,7 +89,7 @@ class SequenceLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logps, grad_entropy, _grad_count):
         if grad_logps is None and grad_entropy is None:
             return (None,) * 6
-        logits, labels, lse, entropy, num_tokens = ctx.saved_tensors
+        logits, labels, lse, entropy, num_tokens, lse_lo = ctx.saved_tensors
         seq = labels.shape[1]
         # Per-sequence upstream grads broadcast over time through a zero stride: no [B, T] copies.
         g = grad_logps.unsqueeze(1).expand(-1, seq) if grad_logps is not None else None
@@ -92,5 +97,5 @@ class SequenceLogprobsFunction(torch.autograd.Function):
         if grad_entropy is not None:
             h = (grad_entropy / num_tokens.clamp(min=1).to(grad_entropy.dtype)).unsqueeze(1).expand(-1, seq)
         grad = ctx.impl.backward(logits, labels, lse, entropy, g, h, None, ctx.ignore_index, ctx.transform,
-                                 ctx.inplace)
+                                 ctx.inplace, **_residual(lse_lo))
         return grad, None, None, None, None, None

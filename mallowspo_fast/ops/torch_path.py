@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 import warnings
 
@@ -104,8 +105,8 @@ def _compiled_forward(z, labels, mask, pre, post, softcap: bool, stats: bool):
     return rows_forward(z, labels, mask, pre, post, softcap=softcap, stats=stats, acc=COMPILED_ACC)
 
 
-def _compiled_backward(z, out, labels, mask, lse, entropy, g, h, g_lse, pre, post, softcap: bool):
-    out.copy_(rows_backward(z, labels, mask, lse, entropy, g, h, g_lse, pre, post, softcap=softcap))
+def _compiled_backward(z, out, labels, mask, lse, entropy, g, h, g_lse, lse_lo, pre, post, softcap: bool):
+    out.copy_(rows_backward(z, labels, mask, lse, entropy, g, h, g_lse, pre, post, softcap=softcap, lse_lo=lse_lo))
 
 
 def _kernel(name: str):
@@ -169,7 +170,7 @@ def _compiled_forward_rows(logits, labels, mask, transform, return_stats, outs) 
                 dst[idx] = val[:rows].view(dst[idx].shape)
 
 
-def _compiled_backward_rows(logits, grad, labels, mask, lse, entropy, g, h, g_lse, transform) -> None:
+def _compiled_backward_rows(logits, grad, labels, mask, lse, entropy, g, h, g_lse, lse_lo, transform) -> None:
     pre, post = _scalars(transform, logits.dtype, logits.device)
     inplace = grad is logits
     for idx, z in _row_blocks(logits):
@@ -177,7 +178,7 @@ def _compiled_backward_rows(logits, grad, labels, mask, lse, entropy, g, h, g_ls
         if rows == 0:
             continue
         out = z if inplace else grad[idx].reshape(z.shape)
-        vecs = [None if t is None else t[idx].reshape(-1) for t in (labels, mask, lse, entropy, g, h, g_lse)]
+        vecs = [None if t is None else t[idx].reshape(-1) for t in (labels, mask, lse, entropy, g, h, g_lse, lse_lo)]
         if rows == 1:
             tmp = torch.empty(2, z.shape[1], dtype=z.dtype, device=z.device)
             _call_compiled("bwd", _twice(z), tmp, *[_twice(v) for v in vecs], pre, post,
@@ -241,7 +242,7 @@ def _eager_forward_rows(logits, labels, mask, transform, return_stats, outs) -> 
                 dst.view(-1)[idx[:n]] = val[:n]
 
 
-def _eager_backward_rows(logits, grad, labels, mask, lse, entropy, g, h, g_lse, transform) -> None:
+def _eager_backward_rows(logits, grad, labels, mask, lse, entropy, g, h, g_lse, lse_lo, transform) -> None:
     batch, seq, vocab = logits.shape
     pre, post = _scalars(transform, logits.dtype, logits.device)
     live = _live_rows(mask, batch * seq, logits.device)
@@ -250,12 +251,12 @@ def _eager_backward_rows(logits, grad, labels, mask, lse, entropy, g, h, g_lse, 
         grad[dead // seq, dead % seq] = 0
     for idx, n in _chunks(live, chunk_rows(vocab, logits.dtype)):
         vecs = [_gather(t, seq, idx) for t in (labels, mask, lse, entropy, g, h, g_lse)]
-        rows = rows_backward(_gather(logits, seq, idx), *vecs, pre, post, softcap=transform.has_softcap)
+        rows = rows_backward(_gather(logits, seq, idx), *vecs, pre, post, softcap=transform.has_softcap,
+                             lse_lo=_gather(lse_lo, seq, idx))
         keep = idx[:n]
         grad[keep // seq, keep % seq] = rows[:n].to(grad.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------
 # ----------------------------------------------------------------------------------------------------
 # Gradient buffers (CPU)
 #
@@ -264,7 +265,9 @@ def _eager_backward_rows(logits, grad, labels, mask, lse, entropy, g, h, g_lse, 
 # (writing 500 MiB into fresh pages: 285 ms, into warm ones: 38 ms, on the 2-core test machine). The pool
 # keeps the last gradient buffer of each shape and dtype and hands it out again once nothing else uses its
 # storage (autograd, the caller and every view have let go: the storage's use count says so), so a training
-# loop writes every step's gradient into the same warm pages. The buffer stays allocated between steps.
+# loop writes every step's gradient into the same warm pages. The buffer stays allocated between steps; a
+# step's peak is unchanged (the buffer is that step's gradient). Not for leaf logits: autograd keeps a leaf's
+# gradient tensor itself as ``.grad`` only when nobody else holds it, and would copy a pooled one.
 
 POOL_ENV = "MALLOWSPO_FAST_GRAD_POOL"
 
@@ -278,15 +281,23 @@ def _pool_enabled() -> bool:
     return os.environ.get(POOL_ENV, "1").strip() != "0"
 
 
+def _only_pooled(buf: torch.Tensor) -> bool:
+    """Whether nothing but the pool holds ``buf``: no other Python reference (the pool's dict, the caller's
+    local, this parameter and getrefcount's argument make 4), no C++ holder of the tensor (autograd, hooks),
+    no view or other tensor on its storage (2: this tensor and the temporary storage object of the query)."""
+    return (sys.getrefcount(buf) == 4 and buf._use_count() == 1
+            and torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2)
+
+
 def _new_gradient(logits: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor like ``logits`` for its gradient: the pooled one when it is free (CPU)."""
-    if logits.device.type != "cpu" or not _pool_enabled() or torch.compiler.is_compiling():
+    if (logits.device.type != "cpu" or logits.is_leaf or not _pool_enabled()
+            or torch.compiler.is_compiling()):
         return torch.empty_like(logits)
     key = (tuple(logits.shape), logits.dtype)
     with _GradPool.lock:
         buf = _GradPool.buffers.get(key)
-        # 2 = the pool's tensor + the temporary storage object of this query: nobody else holds the storage.
-        if buf is not None and torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2:
+        if buf is not None and _only_pooled(buf):
             return buf
         if buf is None or len(_GradPool.buffers) >= 4:
             _GradPool.buffers.clear()  # a few shapes at most; a new one replaces them
@@ -294,6 +305,7 @@ def _new_gradient(logits: torch.Tensor) -> torch.Tensor:
         return buf
 
 
+# ----------------------------------------------------------------------------------------------------
 # The backend contract
 
 
@@ -312,6 +324,7 @@ def forward(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
     has_labels = labels is not None
     outs = [new() if has_labels else None, new(), new()]
     outs += [new(), new(), new(torch.bool) if has_labels else None] if return_stats else [None, None, None]
+    outs.append(new())  # lse_lo
     if torch.compiler.is_compiling():  # inside a user's torch.compile: one traced call over every row
         vals = rows_forward(logits.reshape(batch * seq, -1), None if labels is None else labels.reshape(-1),
                             None if mask is None else mask.reshape(-1), *_scalars(transform, logits.dtype, dev),
@@ -325,21 +338,25 @@ def forward(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
 
 def backward(logits: torch.Tensor, labels: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor,
              grad_logps: torch.Tensor | None, grad_entropy: torch.Tensor | None, grad_lse: torch.Tensor | None,
-             ignore_index: int, transform: LogitTransform, inplace: bool) -> torch.Tensor:
-    """dL/dlogits [B, T, V] in the logits dtype, new or (``inplace``) written over ``logits``."""
+             ignore_index: int, transform: LogitTransform, inplace: bool,
+             lse_lo: torch.Tensor | None = None) -> torch.Tensor:
+    """dL/dlogits [B, T, V] in the logits dtype, new or (``inplace``) written over ``logits``; ``lse_lo`` the
+    forward's residual of lse (None: treated as 0)."""
     batch, seq, _ = logits.shape
     cdt = compute_dtype(logits.dtype)
     mask = None if labels is None else labels != ignore_index
     zeros = torch.zeros(batch, seq, dtype=cdt, device=logits.device)
-    g, h, g_lse = (zeros if t is None else t.to(cdt).expand(batch, seq) for t in (grad_logps, grad_entropy, grad_lse))
+    g, h, g_lse, lse_lo = (zeros if t is None else t.to(cdt).expand(batch, seq)
+                           for t in (grad_logps, grad_entropy, grad_lse, lse_lo))
     if torch.compiler.is_compiling():
         grad = rows_backward(logits.reshape(batch * seq, -1), None if labels is None else labels.reshape(-1),
                              None if mask is None else mask.reshape(-1), lse.reshape(-1), entropy.reshape(-1),
                              g.reshape(-1), h.reshape(-1), g_lse.reshape(-1),
-                             *_scalars(transform, logits.dtype, logits.device), softcap=transform.has_softcap)
+                             *_scalars(transform, logits.dtype, logits.device), softcap=transform.has_softcap,
+                             lse_lo=lse_lo.reshape(-1))
         return grad.view(logits.shape).to(logits.dtype)
     grad = logits if inplace else _new_gradient(logits)
-    args = (logits, grad, labels, mask, lse, entropy, g, h, g_lse, transform)
+    args = (logits, grad, labels, mask, lse, entropy, g, h, g_lse, lse_lo, transform)
     if not (use_compiled(logits) and _compiled_or_none(_compiled_backward_rows, *args)):
         _eager_backward_rows(*args)
     return grad

@@ -36,11 +36,16 @@ def _transformed(y: torch.Tensor, pre: torch.Tensor, post: torch.Tensor, softcap
 
 def rows_forward(z, labels, mask, pre, post, *, softcap: bool, stats: bool, acc: torch.dtype):
     """One pass over logits ``z`` [R, V] (raw, input dtype) -> tuple of [R] tensors in z's compute dtype:
-    (logp, H, lse, log Σp², mean z, is_top1). ``labels``/``mask`` [R] or None (no labels: logp and
+    (logp, H, lse, log Σp², mean z, is_top1, lse_lo). ``labels``/``mask`` [R] or None (no labels: logp and
     is_top1 are None, nothing is masked); masked rows give 0 (False). ``acc`` is the dtype of the row sums:
     float64 in the compiled route (the fused loop accumulates sequentially; float64 sums make H and lse
     as exact as the fp32 inputs allow, at the cost of a wider accumulator), the compute dtype in the
-    eager route (torch's reductions sum in cascades). Without ``stats`` the last three are None."""
+    eager route (torch's reductions sum in cascades). Without ``stats`` log Σp², mean and is_top1 are None.
+
+    ``lse`` is rounded to the compute dtype; ``lse_lo`` is what the rounding left out (lse + lse_lo is the
+    logsumexp to about twice the precision), so that log p = (z − lse) − lse_lo stays exact when the logits
+    are large (|z| ~ 1e4: one fp32 ulp of lse is 1e-3). The log-prob is formed as (z[label] − m) − log s
+    for the same reason."""
     cdt = compute_dtype(z.dtype)
     zt, _ = _transformed(z.to(cdt), pre, post, softcap)
     m = zt.amax(-1, keepdim=True)
@@ -50,33 +55,41 @@ def rows_forward(z, labels, mask, pre, post, *, softcap: bool, stats: bool, acc:
     s = e.to(acc).sum(-1)
     w = (e.to(acc) * zm.to(acc)).sum(-1)
     log_s = torch.log(s)
-    lse = (m.squeeze(-1).to(acc) + log_s).to(cdt)
+    m1 = m.squeeze(-1).to(acc)
+    lse = (m1 + log_s).to(cdt)
+    lse_lo = ((m1 - lse.to(acc)) + log_s).to(cdt)  # exact residual of the rounding (|m| >= |log s| or small)
     entropy = (log_s - w / s).to(cdt)
     log_sum_sq = mean = top1 = logp = None
     if stats:
         log_sum_sq = (torch.log((e.to(acc) * e.to(acc)).sum(-1)) - 2 * log_s).to(cdt)
         mean = (zt.to(acc).sum(-1) / zt.shape[-1]).to(cdt)
     if labels is None:
-        return logp, entropy, lse, log_sum_sq, mean, top1
+        return logp, entropy, lse, log_sum_sq, mean, top1, lse_lo
     safe = torch.where(mask, labels, torch.zeros_like(labels))
-    logp = torch.where(mask, zt.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse, 0.0)
+    picked = zt.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(mask, ((picked - m.squeeze(-1)).to(acc) - log_s).to(cdt), 0.0)
     entropy = torch.where(mask, entropy, 0.0)
     lse = torch.where(mask, lse, 0.0)
+    lse_lo = torch.where(mask, lse_lo, 0.0)
     if stats:
         log_sum_sq = torch.where(mask, log_sum_sq, 0.0)
         mean = torch.where(mask, mean, 0.0)
         top1 = (zt.argmax(-1) == safe) & mask  # argmax: the first index wins on ties
-    return logp, entropy, lse, log_sum_sq, mean, top1
+    return logp, entropy, lse, log_sum_sq, mean, top1, lse_lo
 
 
-def rows_backward(z, labels, mask, lse, entropy, g, h, g_lse, pre, post, *, softcap: bool):
+def rows_backward(z, labels, mask, lse, entropy, g, h, g_lse, pre, post, *, softcap: bool, lse_lo=None):
     """dL/dy of logits ``z`` [R, V] (raw) in the compute dtype:
     dL/dz_j = g·(1[j = label] − p_j) − h·p_j·(log p_j + H) + g_lse·p_j, times dz/dy
     (post·pre·(1 − t²) with a soft cap, else post). ``g``, ``h``, ``g_lse`` [R] (zeros when unused),
-    ``labels``/``mask`` [R] or None; masked rows give exactly 0."""
+    ``labels``/``mask`` [R] or None; masked rows give exactly 0. ``lse_lo`` [R]: the residual of lse's
+    rounding (:func:`rows_forward`), or None."""
     cdt = compute_dtype(z.dtype)
     zt, t = _transformed(z.to(cdt), pre, post, softcap)
-    logp = (zt - lse.unsqueeze(-1)).clamp(min=FLOOR[cdt])
+    logp = zt - lse.unsqueeze(-1)
+    if lse_lo is not None:
+        logp = logp - lse_lo.unsqueeze(-1)
+    logp = logp.clamp(min=FLOOR[cdt])
     p = torch.exp(logp)
     c = (g_lse - g - h * entropy).unsqueeze(-1)
     grad = p * (c - h.unsqueeze(-1) * logp)

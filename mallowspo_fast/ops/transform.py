@@ -94,6 +94,9 @@ class RowStats(NamedTuple):
         log_sum_sq_probs: log Σ p²; None unless asked for.
         mean_logits: mean of z over the vocabulary; None unless asked for.
         is_top1: bool, label == argmax(z) (first index on ties); None unless asked for, or without labels.
+        lse_lo: what rounding lse to its dtype left out (lse + lse_lo to about twice the precision), so that
+            a backward recomputing log p = (z − lse) − lse_lo stays exact for large logits; None when a
+            backend does not provide it.
     """
 
     logps: torch.Tensor | None
@@ -102,3 +105,4 @@ class RowStats(NamedTuple):
     log_sum_sq_probs: torch.Tensor | None = None
     mean_logits: torch.Tensor | None = None
     is_top1: torch.Tensor | None = None
+    lse_lo: torch.Tensor | None = None

@@ -82,7 +82,7 @@ def forward(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
     def new(dtype=acc):
         return torch.empty(batch, seq, dtype=dtype, device=logits.device)
 
-    logp, entropy, lse = new() if has_labels else None, new(), new()
+    logp, entropy, lse, lse_lo = new() if has_labels else None, new(), new(), new()
     log_sum_sq = mean = top1 = None
     if return_stats:
         log_sum_sq, mean = new(), new()
@@ -93,7 +93,7 @@ def forward(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
         # Slots of outputs a variant does not write get a valid tensor of the accumulation dtype; the
         # flags compile their stores away.
         _token_logprobs_fwd_kernel[(batch * seq,)](
-            logits, lab, logp if has_labels else lse, entropy, lse,
+            logits, lab, logp if has_labels else lse, entropy, lse, lse_lo,
             log_sum_sq if return_stats else lse, mean if return_stats else lse, top1 if top1 is not None else lse,
             lse, seq, vocab,
             logits.stride(0), logits.stride(1), lab.stride(0), lab.stride(1),
@@ -101,7 +101,7 @@ def forward(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
             HAS_LABELS=has_labels, HAS_SOFTCAP=transform.has_softcap, RETURN_STATS=return_stats, RETURN_RAW=False,
             BLOCK_V=block, num_warps=warps,
         )
-    return RowStats(logp, entropy, lse, log_sum_sq, mean, top1)
+    return RowStats(logp, entropy, lse, log_sum_sq, mean, top1, lse_lo)
 
 
 def num_raw(return_stats: bool) -> int:
@@ -136,7 +136,7 @@ def forward_raw(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index:
         lab = labels if has_labels else _unused_int64(logits.device)
         # Only raw_ptr is written: every other output slot gets the raw buffer (compiled away).
         _token_logprobs_fwd_kernel[(batch * seq,)](
-            logits, lab, raw, raw, raw, raw, raw, raw, raw,
+            logits, lab, raw, raw, raw, raw, raw, raw, raw, raw,
             seq, vocab,
             logits.stride(0), logits.stride(1), lab.stride(0), lab.stride(1),
             ignore_index, transform.pre, transform.post, transform.pre, transform.post,
@@ -156,9 +156,11 @@ def _upstream(grad: torch.Tensor | None, batch: int, seq: int, acc: torch.dtype)
 
 def backward(logits: torch.Tensor, labels: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor,
              grad_logps: torch.Tensor | None, grad_entropy: torch.Tensor | None, grad_lse: torch.Tensor | None,
-             ignore_index: int, transform: LogitTransform, inplace: bool) -> torch.Tensor:
+             ignore_index: int, transform: LogitTransform, inplace: bool,
+             lse_lo: torch.Tensor | None = None) -> torch.Tensor:
     """dL/dlogits [B, T, V] in the logits dtype: a new tensor, or written over ``logits`` (``inplace``;
-    each element is read before it is written). Masked rows get exactly 0 and are not read."""
+    each element is read before it is written). Masked rows get exactly 0 and are not read. ``lse_lo``: the
+    forward's residual of lse (None: 0)."""
     _check_logits(logits, "triton_path.backward")
     _check_labels(labels, logits.shape[:2], "triton_path.backward")
     if grad_lse is not None and labels is not None:
@@ -180,8 +182,9 @@ def backward(logits: torch.Tensor, labels: torch.Tensor | None, lse: torch.Tenso
     g_arg = g if g is not None else lse
     h_arg = h if h is not None else lse
     lab = labels if labels is not None else _unused_int64(logits.device)
+    lse_lo = torch.zeros_like(lse) if lse_lo is None else lse_lo
     _token_logprobs_bwd_kernel[(batch * seq,)](
-        logits, grad, lab, lse, entropy, g_arg, h_arg,
+        logits, grad, lab, lse, lse_lo, entropy, g_arg, h_arg,
         seq, vocab,
         logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
         lab.stride(0), lab.stride(1),

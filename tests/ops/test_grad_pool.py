@@ -31,15 +31,24 @@ def test_a_free_buffer_is_reused_and_a_held_one_is_not(monkeypatch):
     assert first[1] == second[1], "a free pooled buffer was not reused"
     for got in (first[0], second[0]):
         torch.testing.assert_close(got, ref, atol=0, rtol=0)
-    # A caller holding the op's gradient (here a leaf's .grad is that very tensor) keeps it from the pool.
+    # A caller holding the op's gradient keeps it from the pool: the next backward writes elsewhere.
+    held = []
+    x = logits.clone().requires_grad_(True)
+    y = x * 1.0
+    y.register_hook(lambda g: held.append(g))
+    out = mpf.token_logprobs(y, labels, backend="torch")
+    (out.logps.sum() + 0.5 * out.entropy.sum()).backward()
+    third = _grad(logits, labels)
+    assert third[1] != held[0].data_ptr()
+    torch.testing.assert_close(held[0], x.grad, atol=0, rtol=0)  # untouched by the later backward
+    torch.testing.assert_close(third[0], ref, atol=0, rtol=0)
+    # Leaf logits never use the pool (autograd keeps a leaf's gradient tensor itself as .grad).
+    before = dict(tp._GradPool.buffers)
     leaf = logits.clone().requires_grad_(True)
     out = mpf.token_logprobs(leaf, labels, backend="torch")
     (out.logps.sum() + 0.5 * out.entropy.sum()).backward()
-    held = leaf.grad
-    third = _grad(logits, labels)
-    assert third[1] != held.data_ptr()
-    torch.testing.assert_close(held, ref, atol=0, rtol=0)  # untouched by the later backward
-    torch.testing.assert_close(third[0], ref, atol=0, rtol=0)
+    assert all(leaf.grad.data_ptr() != b.data_ptr() for b in before.values())
+    torch.testing.assert_close(leaf.grad, ref, atol=0, rtol=0)
 
 
 def test_the_pool_can_be_turned_off(monkeypatch):

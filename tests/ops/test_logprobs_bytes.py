@@ -120,10 +120,11 @@ def test_forward_reads_each_unmasked_logit_once_and_writes_per_row_values(dtype,
     assert nbytes == len(expected) * full.element_size()
     # Besides the logits only the labels are read, once per row (8 bytes each).
     assert _total(loads) == nbytes + 8 * labels.numel()
-    # Every row writes logp, H and lse (masked rows: zeros) in the accumulation dtype; the statistics
-    # add log Σp² and the mean logit (same dtype) and is_top1 (one byte). Each output element once.
+    # Every row writes logp, H, lse and lse's rounding residual (masked rows: zeros) in the accumulation
+    # dtype; the statistics add log Σp² and the mean logit (same dtype) and is_top1 (one byte). Each output
+    # element once.
     acc = 8 if dtype == torch.float64 else 4
-    per_row = 3 * acc + ((2 * acc + 1) if stats else 0)
+    per_row = 4 * acc + ((2 * acc + 1) if stats else 0)
     assert _total(stores) == per_row * labels.numel()
     for t in out:
         if t is not None:
@@ -143,9 +144,9 @@ def test_no_labels_forward_reads_every_logit_once_and_writes_two_floats_per_row(
     expected = _expected_elements(logits, torch.zeros(3, 6, dtype=torch.long))
     assert set(counts) == set(expected), "the forward must read exactly the rows of the view"
     assert max(counts.values()) == 1, "each logit is read exactly once: one pass, no second kernel"
-    # Nothing but the logits is read (no labels); H and lse are written (+ log Σp² and the mean).
+    # Nothing but the logits is read (no labels); H, lse and its residual are written (+ log Σp², the mean).
     assert _total(loads) == nbytes == logits.shape[0] * logits.shape[1] * vocab * full.element_size()
-    assert _total(stores) == (4 if stats else 2) * 4 * 3 * 6
+    assert _total(stores) == (5 if stats else 3) * 4 * 3 * 6
     assert out.logps is None and out.is_top1 is None and out.entropy.shape == (3, 6)
 
 
@@ -226,16 +227,17 @@ def test_backward_reads_each_unmasked_logit_once_and_writes_each_gradient_once(d
     g, h = _upstream(2, 5, upstream)
     buffer = logits.clone() if inplace else logits
     with record_memory_traffic() as (loads, stores):
-        grad = triton_path.backward(buffer, labels, out.lse, out.entropy, g, h, None, IGNORE, transform, inplace)
+        grad = triton_path.backward(buffer, labels, out.lse, out.entropy, g, h, None, IGNORE, transform, inplace,
+                                    out.lse_lo)
     # Loads of logits: each unmasked element once, masked rows never.
     read_counts, read_bytes = _in_buffer(loads, buffer)
     expected = _expected_elements(buffer, labels)
     assert set(read_counts) == set(expected) and max(read_counts.values()) == 1
     assert read_bytes == len(expected) * buffer.element_size()
-    # Everything else read is O(N): every row's label, and for the unmasked rows lse, the upstream
-    # grads given and H (only with an entropy grad).
+    # Everything else read is O(N): every row's label, and for the unmasked rows lse and its residual, the
+    # upstream grads given and H (only with an entropy grad).
     rows, live = labels.numel(), int((labels != IGNORE).sum())
-    assert _total(loads) - read_bytes == 8 * rows + 4 * live * (1 + (g is not None) + 2 * (h is not None))
+    assert _total(loads) - read_bytes == 8 * rows + 4 * live * (2 + (g is not None) + 2 * (h is not None))
     # Stores into the gradient buffer: every element exactly once (masked rows get their zeros), nothing else.
     if inplace:
         assert grad.data_ptr() == buffer.data_ptr()
@@ -255,12 +257,13 @@ def test_no_labels_backward_reads_once_writes_once(inplace, upstream, transform)
     g_lse = torch.randn(2, 5) if upstream == "both" else None
     buffer = logits.clone() if inplace else logits
     with record_memory_traffic() as (loads, stores):
-        grad = triton_path.backward(buffer, None, out.lse, out.entropy, None, h, g_lse, IGNORE, transform, inplace)
+        grad = triton_path.backward(buffer, None, out.lse, out.entropy, None, h, g_lse, IGNORE, transform, inplace,
+                                    out.lse_lo)
     read_counts, read_bytes = _in_buffer(loads, buffer)
     assert len(read_counts) == buffer.numel() and max(read_counts.values()) == 1
     assert read_bytes == buffer.numel() * buffer.element_size()
-    # Per row: lse, H and the entropy grad (+ the lse grad); no labels.
-    assert _total(loads) - read_bytes == 4 * 10 * (3 + (g_lse is not None))
+    # Per row: lse, its residual, H and the entropy grad (+ the lse grad); no labels.
+    assert _total(loads) - read_bytes == 4 * 10 * (4 + (g_lse is not None))
     write_counts, write_bytes = _in_buffer(stores, grad)
     assert write_bytes == _total(stores) == grad.numel() * grad.element_size()
     assert len(write_counts) == grad.numel() and max(write_counts.values()) == 1

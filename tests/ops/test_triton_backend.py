@@ -147,8 +147,8 @@ def test_outputs_are_separate_fresh_tensors():
     out = triton_path.forward(_logits((2, 3, 40), torch.float32, seed=7), _labels(2, 4, 40, seed=7), IGNORE,
                               IDENTITY, True)
     tensors = [t for t in out if t is not None]
-    assert len(tensors) == 6 and all(t._base is None and t.is_contiguous() for t in tensors)
-    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 6
+    assert len(tensors) == 7 and all(t._base is None and t.is_contiguous() for t in tensors)
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 7
 
 
 # ------------------------------------------------------------------------------- masks and labels
