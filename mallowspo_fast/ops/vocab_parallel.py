@@ -110,7 +110,8 @@ class VocabParallelTokenFunction(torch.autograd.Function):
         local = None if labels is None else local_labels(labels, vocab_start, logits.shape[-1], ignore_index)
         rows = combined_rows(impl, logits, labels, local, ignore_index, transform, return_stats, group,
                              vocab_start, where)
-        ctx.save_for_backward(logits, local, rows.lse.clone() if labels is None else rows.lse, rows.entropy.clone())
+        ctx.save_for_backward(logits, local, rows.lse.clone() if labels is None else rows.lse, rows.entropy.clone(),
+                              rows.lse_lo)
         ctx.ignore_index, ctx.transform, ctx.inplace, ctx.impl = ignore_index, transform, inplace, impl
         ctx.has_labels = labels is not None
         ctx.set_materialize_grads(False)
@@ -125,12 +126,12 @@ class VocabParallelTokenFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        logits, local, lse, entropy = ctx.saved_tensors
+        logits, local, lse, entropy, lse_lo = ctx.saved_tensors
         g, h, g_lse = (grads[0], grads[1], None) if ctx.has_labels else (None, grads[0], grads[1])
         if g is None and h is None and g_lse is None:
             return (None,) * 10
         grad = ctx.impl.backward(logits, local, lse, entropy, g, h, g_lse, ctx.ignore_index, ctx.transform,
-                                 ctx.inplace)
+                                 ctx.inplace, lse_lo=lse_lo)
         return (grad,) + (None,) * 9
 
 
@@ -144,7 +145,7 @@ class VocabParallelSequenceFunction(torch.autograd.Function):
         local = local_labels(labels, vocab_start, logits.shape[-1], ignore_index)
         rows = combined_rows(impl, logits, labels, local, ignore_index, transform, False, group, vocab_start, where)
         seq_logps, seq_entropy, num_tokens = impl.sequence_reduce(labels, rows.logps, rows.entropy, ignore_index)
-        ctx.save_for_backward(logits, local, rows.lse, rows.entropy, num_tokens)
+        ctx.save_for_backward(logits, local, rows.lse, rows.entropy, num_tokens, rows.lse_lo)
         ctx.ignore_index, ctx.transform, ctx.inplace, ctx.impl = ignore_index, transform, inplace, impl
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(num_tokens)
@@ -154,7 +155,7 @@ class VocabParallelSequenceFunction(torch.autograd.Function):
     def backward(ctx, grad_logps, grad_entropy, _grad_count):
         if grad_logps is None and grad_entropy is None:
             return (None,) * 9
-        logits, local, lse, entropy, num_tokens = ctx.saved_tensors
+        logits, local, lse, entropy, num_tokens, lse_lo = ctx.saved_tensors
         seq = local.shape[1]
         # Per-sequence upstream grads broadcast over time through a zero stride: no [B, T] copies.
         g = grad_logps.unsqueeze(1).expand(-1, seq) if grad_logps is not None else None
@@ -162,7 +163,7 @@ class VocabParallelSequenceFunction(torch.autograd.Function):
         if grad_entropy is not None:
             h = (grad_entropy / num_tokens.clamp(min=1).to(grad_entropy.dtype)).unsqueeze(1).expand(-1, seq)
         grad = ctx.impl.backward(logits, local, lse, entropy, g, h, None, ctx.ignore_index, ctx.transform,
-                                 ctx.inplace)
+                                 ctx.inplace, lse_lo=lse_lo)
         return (grad,) + (None,) * 8
 
 

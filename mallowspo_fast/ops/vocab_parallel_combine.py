@@ -8,7 +8,7 @@ and with the statistics ``q_r = Σ e^{2(z−m_r)}``, ``Σ z`` and the first inde
 ``M = max_r m_r`` and ``a_r = e^{m_r − M}``:
 
     S = Σ_r a_r s_r,   W = Σ_r a_r (w_r + (m_r − M) s_r),   Q = Σ_r a_r² q_r,
-    lse = M + log S,   H = log S − W/S,   logp = z[label] − lse,   log Σp² = log Q − 2 log S,
+    lse = M + log S,   H = log S − W/S,   logp = (z[label] − M) − log S,   log Σp² = log Q − 2 log S,
 
 every term kept relative to the global max, as in the single-device kernels (exact for |z| ~ 1e4 and
 under a shift). The collectives: an all-reduce (max) of ``m`` (1 float per row), then one all-reduce
@@ -64,7 +64,8 @@ def pack(raw: torch.Tensor, global_max: torch.Tensor, labels: torch.Tensor | Non
 
 def finish(global_max: torch.Tensor, summed: torch.Tensor, labels: torch.Tensor | None, ignore_index: int,
            return_stats: bool) -> tuple[RowStats, int]:
-    """RowStats of [N] rows from the all-reduced max and sums, and V (the sum of the shards' widths).
+    """RowStats of [N] rows (with ``lse_lo``) from the all-reduced max and sums, and V (the sum of the shards'
+    widths).
     Masked rows give 0 (False); a label outside [0, V) gives a NaN log-prob (the callers on CPU raise)."""
     has_labels = labels is not None
     vocab = int(summed[-1].item()) if summed.device.type == "cpu" else None
@@ -72,7 +73,8 @@ def finish(global_max: torch.Tensor, summed: torch.Tensor, labels: torch.Tensor 
     stat = 2 + has_labels  # first column of the statistics
     ref = torch.where(global_max == float("-inf"), torch.zeros_like(global_max), global_max)
     log_s = torch.log(rows[:, 0])
-    lse = ref + log_s  # (rounded at the scale of M: the log-prob below is formed without it)
+    lse = ref + log_s  # rounded at the scale of M: the log-prob below is formed without it, and
+    lse_lo = (ref - lse) + log_s  # what the rounding left out, for the backward's log p = (z − lse) − lse_lo
     entropy = log_s - rows[:, 1] / rows[:, 0]
     log_sum_sq = mean = top1 = logp = None
     if return_stats:
@@ -83,11 +85,11 @@ def finish(global_max: torch.Tensor, summed: torch.Tensor, labels: torch.Tensor 
         valid = (labels >= 0) & (labels < summed[-1])
         # (z[label] − M) − log S: exact at |z| ~ 1e4, where z[label] − lse would carry lse's rounding (1e-3 in fp32)
         logp = torch.where(keep, torch.where(valid, (rows[:, 2] - ref) - log_s, float("nan")), 0.0)
-        entropy, lse = torch.where(keep, entropy, 0.0), torch.where(keep, lse, 0.0)
+        entropy, lse, lse_lo = (torch.where(keep, t, 0.0) for t in (entropy, lse, lse_lo))
         if return_stats:
             log_sum_sq, mean = torch.where(keep, log_sum_sq, 0.0), torch.where(keep, mean, 0.0)
             top1 = keep & valid & (rows[:, stat + 2] == 1) & (rows[:, stat + 3] == 0)
-    return RowStats(logp, entropy, lse, log_sum_sq, mean, top1), vocab
+    return RowStats(logp, entropy, lse, log_sum_sq, mean, top1, lse_lo), vocab
 
 
 def combine(raw: torch.Tensor, labels: torch.Tensor | None, ignore_index: int, vocab_start: int, vocab_local: int,

@@ -71,13 +71,13 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         stats, vocab = combine(raw, live_labels, ignore_index, vocab_start, weight.shape[0], return_stats, group)
         check_labels_below(live_labels, vocab, ignore_index, where, positions=rows)
         outs = []
-        for k, val in enumerate(stats):
-            if k == 2 or val is None:  # lse: kept for the backward, not returned
+        for name, val in zip(stats._fields, stats):
+            if name in ("lse", "lse_lo") or val is None:  # kept for the backward, not returned
                 continue
             full = torch.zeros(batch, seq, dtype=val.dtype, device=hidden.device)
             full.view(-1).index_copy_(0, rows, val)
             outs.append(full)
-        ctx.save_for_backward(hidden, weight, bias, local, rows, stats.entropy, stats.lse)
+        ctx.save_for_backward(hidden, weight, bias, local, rows, stats.entropy, stats.lse, stats.lse_lo)
         ctx.ignore_index, ctx.transform, ctx.chunk_size, ctx.backend = ignore_index, transform, chunk_size, backend
         ctx.cdt, ctx.fp32_logits, ctx.group = cdt, fp32_logits, group
         ctx.set_materialize_grads(False)
@@ -86,7 +86,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy, *_stats_grads):
-        hidden, weight, bias, local, rows, entropy, lse = ctx.saved_tensors
+        hidden, weight, bias, local, rows, entropy, lse, lse_lo = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         n_inputs = 14
         if grad_logps is None and grad_entropy is None:
@@ -117,7 +117,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
 
                 # In place: the recomputed chunk is ours and not needed afterwards.
                 dlogits = impl.backward(logits, row(local), row(lse), row(entropy), row(g_all), row(h_all), None,
-                                        ctx.ignore_index, ctx.transform, True)[0]
+                                        ctx.ignore_index, ctx.transform, True, lse_lo=row(lse_lo))[0]
                 if need_hidden:  # the products as the single-device memory mode computes them
                     if hidden.dtype == cdt:
                         rows_grad = torch.mm(dlogits.to(cdt), w)

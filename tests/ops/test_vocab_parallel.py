@@ -129,11 +129,12 @@ def test_shards_combine_to_the_single_device_op(backend, dtype, transform, bound
     g, h = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
     g_lse = None if with_labels else torch.randn(3, 5, generator=gen)
     g_logp = g if with_labels else None
-    want = impl.backward(full, labels, ref.lse, ref.entropy, g_logp, h, g_lse, IGNORE, transform, False)
+    want = impl.backward(full, labels, ref.lse, ref.entropy, g_logp, h, g_lse, IGNORE, transform, False,
+                         lse_lo=ref.lse_lo).clone()
     edges = BOUNDS[bounds]
     # (each shard's gradient copied at once: the torch path on CPU may hand out one pooled buffer per shape)
     got = torch.cat([impl.backward(full[..., a:b].contiguous(), loc, rows.lse, rows.entropy, g_logp, h, g_lse,
-                                   IGNORE, transform, False).clone()
+                                   IGNORE, transform, False, lse_lo=rows.lse_lo).clone()
                      for a, b, loc in zip(edges[:-1], edges[1:], locals_)], -1)
     gtol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else (
         dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-5))
@@ -162,15 +163,23 @@ def test_large_logits_and_shifts_stay_exact(backend):
         # float64 of the very fp32 inputs (the shifted ones are rounded at 1e4: ulp 1e-3)
         want_logp, want_h = mpf.ops.naive.naive_token_logprobs(full.double(), labels, IGNORE,
                                                                compute_dtype=torch.float64)
-        rows, _ = _combine_in_process(impl, full, labels, (0, 9, 23, 40), IDENTITY, False)
+        rows, locals_ = _combine_in_process(impl, full, labels, (0, 9, 23, 40), IDENTITY, False)
         ref = impl.forward(full, labels, IGNORE, IDENTITY, False)
         # H is kept relative to the max and the log-prob is formed as (z[label] − M) − log S: as exact at 1e4 as
         # at 0 (z[label] − lse would carry the rounding of lse at 1e4, 1e-3 in fp32).
         torch.testing.assert_close(rows.entropy, ref.entropy, rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(rows.entropy.double(), want_h, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rows.logps.double(), want_logp, rtol=1e-6, atol=1e-5)
-        if shift == 0.0:
-            torch.testing.assert_close(rows.logps, ref.logps, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(rows.logps, ref.logps, rtol=1e-6, atol=1e-5)
+        # The backward: p = e^{(z − lse) − lse_lo} with the combination's lse residual, as exact as at 0.
+        g, h = torch.ones(2, 4), torch.full((2, 4), 0.5)
+        got = torch.cat([impl.backward(full[..., a:b].contiguous(), loc, rows.lse, rows.entropy, g, h, None, IGNORE,
+                                       IDENTITY, False, lse_lo=rows.lse_lo).clone()
+                         for a, b, loc in zip((0, 9, 23), (9, 23, 40), locals_)], -1)
+        x = full.double().requires_grad_(True)
+        lp, ent = mpf.ops.naive.naive_token_logprobs(x, labels, IGNORE, compute_dtype=torch.float64)
+        (lp.sum() + 0.5 * ent.sum()).backward()
+        torch.testing.assert_close(got.double(), x.grad, rtol=1e-5, atol=1e-6)
     # A shard whose logits sit 1e4 under the others' adds exactly nothing (its e^{m_r − M} underflows to 0), and
     # the shard holding the max alone carries the row.
     far = base.clone()
