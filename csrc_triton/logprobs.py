@@ -157,23 +157,27 @@ def _token_logprobs_fwd_kernel(
             else:
                 tl.store(raw_row + 6, tl.zeros((), ACC))
     else:
-        log_s = tl.log(s)
-        lse = m + log_s
-        # lse rounded loses up to half an ulp of m (5e-4 at |z| ~ 1e4): keep what the rounding left out, for
-        # the backward's log p = (z − lse) − lse_lo, and form the log-prob from (z[label] − m) directly.
-        lse_lo = (m - lse) + log_s
-        entropy = log_s - w / s
+        # The per-row tail runs in float64 (a few operations per row, none per element), so that each result is
+        # rounded once. lse rounded to ACC loses up to half an ulp of m (5e-4 at |z| ~ 1e4): keep what the
+        # rounding left out for the backward's log p = (z − lse) − lse_lo, and form the log-prob from
+        # (z[label] − m) directly.
+        m64 = m.to(tl.float64)
+        log_s = tl.log(s.to(tl.float64))
+        lse64 = m64 + log_s
+        lse = lse64.to(ACC)
+        lse_lo = (lse64 - lse.to(tl.float64)).to(ACC)
+        entropy = (log_s - w.to(tl.float64) / s.to(tl.float64)).to(ACC)
         if HAS_LABELS:
             # Out-of-range labels never match a column: report NaN rather than reading out of bounds.
             valid = (label >= 0) & (label < vocab_size)
-            logp = tl.where(valid, (z_label - m) - log_s, float("nan"))
+            logp = tl.where(valid, ((z_label.to(tl.float64) - m64) - log_s).to(ACC), float("nan"))
             tl.store(logp_ptr + row, logp)
         tl.store(entropy_ptr + row, entropy)
         tl.store(lse_ptr + row, lse)
         tl.store(lse_lo_ptr + row, lse_lo)
         if RETURN_STATS:
-            tl.store(log_sum_sq_probs_ptr + row, tl.log(q) - 2.0 * log_s)
-            tl.store(mean_logits_ptr + row, z_sum / vocab_size)
+            tl.store(log_sum_sq_probs_ptr + row, (tl.log(q.to(tl.float64)) - 2.0 * log_s).to(ACC))
+            tl.store(mean_logits_ptr + row, (z_sum.to(tl.float64) / vocab_size).to(ACC))
             if HAS_LABELS:
                 # A row of only -inf keeps argmax = 0, as torch.argmax does.
                 top1 = valid & (argmax == label)

@@ -52,22 +52,25 @@ def rows_forward(z, labels, mask, pre, post, *, softcap: bool, stats: bool, acc:
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of only -inf: shift by 0
     zm = (zt - m).clamp(min=FLOOR[cdt])
     e = torch.exp(zm)
-    s = e.to(acc).sum(-1)
-    w = (e.to(acc) * zm.to(acc)).sum(-1)
+    # Row sums in ``acc``; what follows is per row (O(R)) and runs in float64 whatever ``acc`` is, so that each
+    # result is rounded once.
+    s = e.to(acc).sum(-1).double()
+    w = (e.to(acc) * zm.to(acc)).sum(-1).double()
     log_s = torch.log(s)
-    m1 = m.squeeze(-1).to(acc)
-    lse = (m1 + log_s).to(cdt)
-    lse_lo = ((m1 - lse.to(acc)) + log_s).to(cdt)  # exact residual of the rounding (|m| >= |log s| or small)
+    m1 = m.squeeze(-1).double()
+    lse64 = m1 + log_s
+    lse = lse64.to(cdt)
+    lse_lo = (lse64 - lse.double()).to(cdt)
     entropy = (log_s - w / s).to(cdt)
     log_sum_sq = mean = top1 = logp = None
     if stats:
-        log_sum_sq = (torch.log((e.to(acc) * e.to(acc)).sum(-1)) - 2 * log_s).to(cdt)
-        mean = (zt.to(acc).sum(-1) / zt.shape[-1]).to(cdt)
+        log_sum_sq = (torch.log((e.to(acc) * e.to(acc)).sum(-1).double()) - 2 * log_s).to(cdt)
+        mean = (zt.to(acc).sum(-1).double() / zt.shape[-1]).to(cdt)
     if labels is None:
         return logp, entropy, lse, log_sum_sq, mean, top1, lse_lo
     safe = torch.where(mask, labels, torch.zeros_like(labels))
     picked = zt.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(mask, ((picked - m.squeeze(-1)).to(acc) - log_s).to(cdt), 0.0)
+    logp = torch.where(mask, ((picked.double() - m1) - log_s).to(cdt), 0.0)
     entropy = torch.where(mask, entropy, 0.0)
     lse = torch.where(mask, lse, 0.0)
     lse_lo = torch.where(mask, lse_lo, 0.0)
