@@ -58,3 +58,24 @@ def test_the_pool_can_be_turned_off(monkeypatch):
     labels = torch.randint(0, 50, (1, 3))
     _grad(logits, labels)
     assert tp._GradPool.buffers == {}
+
+
+def test_two_ops_on_the_same_logits_never_share_a_buffer(monkeypatch):
+    """Two gradients of the same shape in flight at once (log-probs and the entropy of every row of one
+    logits tensor): the second backward must not reuse the buffer autograd still holds for the first."""
+    monkeypatch.setenv(tp.POOL_ENV, "1")
+    monkeypatch.setattr(tp._GradPool, "buffers", {})
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 300, generator=gen) * 3
+    labels = torch.randint(0, 300, (2, 4), generator=gen)
+    grads = []
+    for pooled in ("0", "1", "1"):
+        monkeypatch.setenv(tp.POOL_ENV, pooled)
+        x = logits.clone().requires_grad_(True)
+        y = x * 1.0
+        a = mpf.token_logprobs(y, labels, backend="torch")
+        b = mpf.token_entropy(y, backend="torch")
+        (a.logps.sum() + 0.5 * a.entropy.sum() + b.entropy.sum() - 0.1 * b.lse.sum()).backward()
+        grads.append(x.grad)
+    for got in grads[1:]:
+        torch.testing.assert_close(got, grads[0], atol=0, rtol=0)
