@@ -466,6 +466,46 @@ def check_no_labels(spec: dict[str, Any], device: str) -> dict[str, Any]:
     return row.result()
 
 
+def check_vocab_shard(spec: dict[str, Any], device: str) -> dict[str, Any]:
+    """The raw forward of a vocabulary shard (``triton_path.forward_raw``, what the vocab-parallel ops launch on
+    each rank) over the whole vocabulary as one shard, combined by the vocab-parallel arithmetic without a
+    collective (the sum of one shard is itself): log-probs, entropies, lse and the statistics against float64,
+    with and without labels."""
+    from mallowspo_fast.ops import triton_path
+    from mallowspo_fast.ops.vocab_parallel_combine import finish, pack
+
+    dtype, vocab = spec["dtype"], spec["vocab"]
+    batch, seq = spec["shape"]
+    gen = _generator(spec["seed"])
+    logits = make_logits(batch, seq, vocab, dtype, gen, device)[:, :-1]  # the shifted view, as the ops see it
+    seq = logits.shape[1]
+    labels = make_labels(batch, seq, vocab, gen, device) if spec.get("labels", True) else None
+    transform, stats = transform_of(spec), bool(spec.get("stats"))
+    raw = triton_path.forward_raw(logits, labels, IGNORE, transform, stats)
+    flat = raw.reshape(batch * seq, -1)
+    flat_labels = None if labels is None else labels.reshape(-1)
+    global_max = flat[:, 0].contiguous()
+    rows, _ = finish(global_max, pack(flat, global_max, flat_labels, IGNORE, 0, vocab, stats), flat_labels,
+                     IGNORE, stats)
+    row = Row(spec)
+    if labels is None:
+        x, *ref = ref_entropy(logits, transform=transform)
+        tol = scaled_tolerances(dtype, x, transform)
+        row.compare("entropy", rows.entropy.view(batch, seq), ref[0], tol.value_atol, tol.value_rtol)
+        row.compare("lse", rows.lse.view(batch, seq), ref[1], tol.value_atol, tol.value_rtol)
+    else:
+        x, logps, entropy = ref_token(logits, labels, IGNORE, transform=transform)
+        tol = scaled_tolerances(dtype, x, transform)
+        row.compare("logps", _inject(spec, rows.logps.view(batch, seq), tol.value_atol), logps, tol.value_atol,
+                    tol.value_rtol)
+        row.compare("entropy", rows.entropy.view(batch, seq), entropy, tol.value_atol, tol.value_rtol)
+    if stats:
+        out = rows._replace(**{k: getattr(rows, k).view(batch, seq) for k in ("log_sum_sq_probs", "mean_logits")},
+                            is_top1=None if rows.is_top1 is None else rows.is_top1.view(batch, seq))
+        compare_stats(row, out, x, labels, transform, tol)
+    return row.result()
+
+
 CHECKS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     "values": check_logits_op,
     "memory mode": check_memory_mode,
@@ -474,4 +514,5 @@ CHECKS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     "reduce blocks": check_reduce_blocks,
     "offsets > 2^31": check_large_offsets,
     "no labels": check_no_labels,
+    "vocab shard": check_vocab_shard,
 }

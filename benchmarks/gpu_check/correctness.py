@@ -28,7 +28,7 @@ from .checks import CHECKS, UPSTREAMS, emit
 # Options of a check and their defaults; a check's name lists those it changes, in this order (the
 # upstream grads last, so that no check's name is a prefix of another's: --inject-error matches substrings).
 OPTION_DEFAULTS = {"temperature": 1.0, "softcap": None, "logit_scale": 1.0, "stats": False, "inplace": False,
-                   "upstream": "both"}
+                   "upstream": "both", "labels": True}
 # The soft-capped transform of the checks: Gemma's cap, a logit scale and a temperature (z within ±cap/T).
 SOFTCAP = {"softcap": 30.0, "logit_scale": 2.0, "temperature": 0.7}
 
@@ -80,6 +80,11 @@ def group_checks(group: dict[str, Any]) -> list[dict[str, Any]]:
             add("no labels", "token_logprobs", dtype, vocab)
             add("-inf logits", "token_logprobs", dtype, vocab)
             add("-inf logits", "token_logprobs", dtype, vocab, **SOFTCAP)
+            # The raw forward of the vocab-parallel ops: labels or none, soft cap or not, statistics or not.
+            for labels in (True, False):
+                for cap in ({}, SOFTCAP):
+                    for stats in (False, True):
+                        add("vocab shard", "forward_raw", dtype, vocab, labels=labels, stats=stats, **cap)
     if group.get("reduce_seqs"):
         for dtype in reduce_dtypes(group):
             add("reduce blocks", "sequence_logprobs", dtype, group["reduce_vocab"], seqs=list(group["reduce_seqs"]),

@@ -66,7 +66,7 @@ class Settings:
     # Cost model of the estimates (seconds; bytes/s; FLOP/s).
     # The correctness group compiles every variant on first use (about 180 JIT compilations on a machine
     # with a cold Triton cache: 20 variants x 4 dtypes x 2 block sizes, and the reductions) before its
-    # ~560 checks.
+    # ~690 checks.
     correctness_s: float = 300.0
     large_s: float = 25.0
     startup_s: float = 6.0

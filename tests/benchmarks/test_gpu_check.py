@@ -57,7 +57,7 @@ def test_dry_run_runs_the_whole_plan_and_writes_the_results_folder(tmp_path):
     assert {r["check"] for r in rows} >= expected and len(rows) == len(expected) + 1  # + the large offsets
     assert {r["status"] for r in rows} == {"pass"}
     assert {r["kind"] for r in rows} == {"values", "memory mode", "no labels", "-inf logits", "out-of-range labels",
-                                         "reduce blocks", "offsets > 2^31", "coverage"}
+                                         "reduce blocks", "offsets > 2^31", "coverage", "vocab shard"}
     assert {r["check"] for r in rows if r["kind"] == "coverage"} == {
         "coverage/fp32", "coverage/bf16", "coverage/fp16", "coverage/fp64", "coverage/sequence_reduce"}
     # The new flags and dtypes are among the checks: soft cap, statistics, float64.
