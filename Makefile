@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first: a bare `torch` requirement on an empty venv would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev,trl,docs]'
+	$(BIN)/python -m pip install -q -e '.[dev,trl,docs,megatron]'
 	touch $@
 
 demo: setup

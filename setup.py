@@ -52,6 +52,8 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "ruff", "matplotlib", "tensorboard", "hypothesis"],
         # The TRL version the integration is tested with (tests/integrations); PEFT for its LoRA tests.
         "trl": ["trl==1.16.0", "peft>=0.15"],
+        # The Megatron-core version the vocab-parallel drop-ins are tested against (tests/integrations).
+        "megatron": ["megatron-core==0.16.1"],
         "docs": ["mkdocs==1.6.1", "mkdocs-material>=9.5", "mkdocstrings-python>=1.10"],
     },
     entry_points={

@@ -13,16 +13,17 @@ everything works, not a measurement.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-from . import accuracy, linear, loss_step, op, projection, train_step, trl_step
+from . import accuracy, linear, loss_step, op, projection, train_step, trl_step, vocab_parallel
 from .floor import floor_markdown
 from .harness import default_device, log, measure_floor_isolated
 from .providers import PROVIDERS
 from .report import write_report
 
-SUBJECTS = ("op", "linear", "loss_step", "train_step", "trl_step", "accuracy", "projection")
+SUBJECTS = ("op", "linear", "loss_step", "train_step", "trl_step", "accuracy", "projection", "vocab_parallel")
 # Accuracy: N = 64 rows everywhere (the Triton kernels run interpreted on CPU: minutes at V = 151936).
 ACCURACY = dict(n=64, hidden=256, vocabs=[32000, 151936], dtypes=["fp32", "bf16"],
                 precision_vocabs=[1000, 32000, 50257, 128256, 151936])
@@ -41,6 +42,8 @@ def plan(device: str, quick: bool) -> dict:
                                repeats=2),
             "trl_step": dict(vocab=2048, batch=1, prompt=16, completion=16, warmup=1, repeats=2),
             "accuracy": dict(n=4, hidden=16, vocabs=[300], dtypes=["fp32", "bf16"], precision_vocabs=[300]),
+            "vocab_parallel": dict(tp=2, n=64, vocabs=[1024], hidden=32, dtype="fp32", modes=["logits"], warmup=1,
+                                   repeats=2),
             "projection": dict(ns=[8192], vocabs=[32000], dtypes=["bf16"], archs=[90]),
         }
     if cuda:
@@ -55,6 +58,7 @@ def plan(device: str, quick: bool) -> dict:
                                repeats=20),
             "trl_step": dict(vocab=128256, batch=8, prompt=512, completion=512, warmup=2, repeats=10),
             "accuracy": ACCURACY,
+            "vocab_parallel": None,  # one CPU process per rank on gloo: a CPU subject
             "projection": dict(ns=[8192, 16384], vocabs=list(projection.VOCABS), dtypes=["bf16"],
                                archs=[80, 90]),
         }
@@ -70,6 +74,8 @@ def plan(device: str, quick: bool) -> dict:
         # the CPU setting: a 128k vocabulary (docs/integrations.md)
         "trl_step": dict(vocab=128256, batch=2, prompt=192, completion=64, warmup=1, repeats=3),
         "accuracy": ACCURACY,
+        "vocab_parallel": dict(tp=2, n=2048, vocabs=[32000], hidden=256, dtype="bf16", modes=["logits", "linear"],
+                               warmup=2, repeats=5),
         "projection": dict(ns=[8192, 16384], vocabs=list(projection.VOCABS), dtypes=["bf16"], archs=[80, 90]),
     }
 
@@ -144,6 +150,18 @@ def main(argv: list[str] | None = None) -> int:
                                c["precision_vocabs"], log=log)
         accuracy.write_csvs(records, args.out)
         extra.update(accuracy.markdown_sections(records))
+    if "vocab_parallel" in args.subjects and cfg["vocab_parallel"] is not None:
+        c = cfg["vocab_parallel"]
+        cores = os.cpu_count() or 1
+        tables = []
+        for mode in c["modes"]:
+            for vocab in c["vocabs"]:
+                log(f"  vocab_parallel {mode} V={vocab} tp={c['tp']}")
+                tables.append(vocab_parallel.format_result(vocab_parallel.run(dict(
+                    tp=c["tp"], n=c["n"], vocab=vocab, hidden=c["hidden"], dtype=c["dtype"], mode=mode,
+                    warmup=c["warmup"], repeats=c["repeats"], threads=max(1, cores // c["tp"]),
+                    threads_full=cores))))
+        extra["vocab_parallel: each rank against the full op"] = "\n\n".join(tables)
     if "projection" in args.subjects:
         c = cfg["projection"]
         log("  projection (ahead-of-time compilation)")
