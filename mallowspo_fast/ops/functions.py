@@ -31,6 +31,16 @@ def _residual(lse_lo):
     return {} if lse_lo is None else {"lse_lo": lse_lo}
 
 
+def sequence_upstream(grad_logps, grad_entropy, num_tokens, seq: int):
+    """Per-token upstream grads [B, T] of per-sequence ones [B] (a sum of log-probs, a mean of entropies),
+    broadcast over time through a zero stride: no [B, T] copies. None stays None."""
+    g = grad_logps.unsqueeze(1).expand(-1, seq) if grad_logps is not None else None
+    h = None
+    if grad_entropy is not None:
+        h = (grad_entropy / num_tokens.clamp(min=1).to(grad_entropy.dtype)).unsqueeze(1).expand(-1, seq)
+    return g, h
+
+
 class TokenLogprobsFunction(torch.autograd.Function):
     """logits [B, T, V], labels [B, T] or None -> with labels (logps, entropy[, log_sum_sq_probs, mean_logits,
     is_top1]); without (entropy, lse[, log_sum_sq_probs, mean_logits]). The statistics are not differentiable."""
@@ -90,12 +100,7 @@ class SequenceLogprobsFunction(torch.autograd.Function):
         if grad_logps is None and grad_entropy is None:
             return (None,) * 6
         logits, labels, lse, entropy, num_tokens, lse_lo = ctx.saved_tensors
-        seq = labels.shape[1]
-        # Per-sequence upstream grads broadcast over time through a zero stride: no [B, T] copies.
-        g = grad_logps.unsqueeze(1).expand(-1, seq) if grad_logps is not None else None
-        h = None
-        if grad_entropy is not None:
-            h = (grad_entropy / num_tokens.clamp(min=1).to(grad_entropy.dtype)).unsqueeze(1).expand(-1, seq)
+        g, h = sequence_upstream(grad_logps, grad_entropy, num_tokens, labels.shape[1])
         grad = ctx.impl.backward(logits, labels, lse, entropy, g, h, None, ctx.ignore_index, ctx.transform,
                                  ctx.inplace, **_residual(lse_lo))
         return grad, None, None, None, None, None

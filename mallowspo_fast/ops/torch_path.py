@@ -153,7 +153,9 @@ def _twice(t):
     return None if t is None else torch.cat([t, t])
 
 
-def _compiled_forward_rows(logits, labels, mask, transform, return_stats, outs) -> None:
+def _compiled_forward_rows(logits, labels, mask, transform, return_stats, outs, kernel: str = "fwd") -> None:
+    """The compiled forward ``kernel`` ("fwd": the finished values; "fwd_raw": a shard's raw accumulators)
+    over every row block, its outputs written into ``outs`` ([B, T] or [B, T, K] each; None: not wanted)."""
     pre, post = _scalars(transform, logits.dtype, logits.device)
     flags = dict(softcap=transform.has_softcap, stats=return_stats)
     for idx, z in _row_blocks(logits):
@@ -164,8 +166,8 @@ def _compiled_forward_rows(logits, labels, mask, transform, return_stats, outs) 
             continue
         if rows == 1:
             z, lab, msk = _twice(z), _twice(lab), _twice(msk)
-        vals = _call_compiled("fwd", z, lab, msk, pre, post, **flags)
-        for dst, val in zip(outs, vals):
+        vals = _call_compiled(kernel, z, lab, msk, pre, post, **flags)
+        for dst, val in zip(outs, (vals,) if isinstance(vals, torch.Tensor) else vals):
             if dst is not None:
                 dst[idx] = val[:rows].view(dst[idx].shape)
 
@@ -230,16 +232,18 @@ def _gather(t: torch.Tensor | None, seq: int, idx: torch.Tensor):
     return None if t is None else t[idx // seq, idx % seq]
 
 
-def _eager_forward_rows(logits, labels, mask, transform, return_stats, outs) -> None:
+def _eager_forward_rows(logits, labels, mask, transform, return_stats, outs, rows_fn=rows_forward) -> None:
+    """``rows_fn`` (``rows_forward``, or ``rows_forward_raw`` for a shard) over fixed-size chunks of the live
+    rows, its outputs written into ``outs`` ([B, T] or [B, T, K] each; None: not wanted)."""
     batch, seq, vocab = logits.shape
     pre, post = _scalars(transform, logits.dtype, logits.device)
     acc = compute_dtype(logits.dtype)
     for idx, n in _chunks(_live_rows(mask, batch * seq, logits.device), chunk_rows(vocab, logits.dtype)):
-        vals = rows_forward(_gather(logits, seq, idx), _gather(labels, seq, idx), _gather(mask, seq, idx), pre,
-                            post, softcap=transform.has_softcap, stats=return_stats, acc=acc)
-        for dst, val in zip(outs, vals):
+        vals = rows_fn(_gather(logits, seq, idx), _gather(labels, seq, idx), _gather(mask, seq, idx), pre,
+                       post, softcap=transform.has_softcap, stats=return_stats, acc=acc)
+        for dst, val in zip(outs, (vals,) if isinstance(vals, torch.Tensor) else vals):
             if dst is not None:
-                dst.view(-1)[idx[:n]] = val[:n]
+                dst.view(batch * seq, *dst.shape[2:])[idx[:n]] = val[:n]
 
 
 def _eager_backward_rows(logits, grad, labels, mask, lse, entropy, g, h, g_lse, lse_lo, transform) -> None:
@@ -382,31 +386,6 @@ def _compiled_forward_raw(z, labels, mask, pre, post, softcap: bool, stats: bool
     return rows_forward_raw(z, labels, mask, pre, post, softcap=softcap, stats=stats, acc=COMPILED_ACC)
 
 
-def _compiled_raw_rows(logits, labels, mask, transform, return_stats, out) -> None:
-    pre, post = _scalars(transform, logits.dtype, logits.device)
-    for idx, z in _row_blocks(logits):
-        lab = None if labels is None else labels[idx].reshape(-1)
-        msk = None if mask is None else mask[idx].reshape(-1)
-        rows = z.shape[0]
-        if rows == 0:
-            continue
-        if rows == 1:
-            z, lab, msk = _twice(z), _twice(lab), _twice(msk)
-        val = _call_compiled("fwd_raw", z, lab, msk, pre, post, softcap=transform.has_softcap, stats=return_stats)
-        out[idx] = val[:rows].view(out[idx].shape)
-
-
-def _eager_raw_rows(logits, labels, mask, transform, return_stats, out) -> None:
-    batch, seq, vocab = logits.shape
-    pre, post = _scalars(transform, logits.dtype, logits.device)
-    flat = out.view(batch * seq, -1)
-    for idx, n in _chunks(_live_rows(mask, batch * seq, logits.device), chunk_rows(vocab, logits.dtype)):
-        val = rows_forward_raw(_gather(logits, seq, idx), _gather(labels, seq, idx), _gather(mask, seq, idx), pre,
-                               post, softcap=transform.has_softcap, stats=return_stats,
-                               acc=compute_dtype(logits.dtype))
-        flat[idx[:n]] = val[:n]
-
-
 def forward_raw(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int, transform: LogitTransform,
                 return_stats: bool = False) -> torch.Tensor:
     """The raw accumulators of one vocabulary shard, [B, T, K] (K = :func:`num_raw`) in the compute dtype:
@@ -422,7 +401,7 @@ def forward_raw(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index:
                                *_scalars(transform, logits.dtype, logits.device), softcap=transform.has_softcap,
                                stats=return_stats, acc=torch.float64)
         return raw.view(batch, seq, -1)
-    if not (use_compiled(logits) and _compiled_or_none(_compiled_raw_rows, logits, labels, mask, transform,
-                                                         return_stats, out)):
-        _eager_raw_rows(logits, labels, mask, transform, return_stats, out)
+    if not (use_compiled(logits) and _compiled_or_none(_compiled_forward_rows, logits, labels, mask, transform,
+                                                         return_stats, [out], "fwd_raw")):
+        _eager_forward_rows(logits, labels, mask, transform, return_stats, [out], rows_forward_raw)
     return out

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .functions import backend_module
+from .functions import backend_module, sequence_upstream
 from .logprobs import (
     IGNORE_INDEX,
     SequenceLogprobs,
@@ -156,12 +156,7 @@ class VocabParallelSequenceFunction(torch.autograd.Function):
         if grad_logps is None and grad_entropy is None:
             return (None,) * 9
         logits, local, lse, entropy, num_tokens, lse_lo = ctx.saved_tensors
-        seq = local.shape[1]
-        # Per-sequence upstream grads broadcast over time through a zero stride: no [B, T] copies.
-        g = grad_logps.unsqueeze(1).expand(-1, seq) if grad_logps is not None else None
-        h = None
-        if grad_entropy is not None:
-            h = (grad_entropy / num_tokens.clamp(min=1).to(grad_entropy.dtype)).unsqueeze(1).expand(-1, seq)
+        g, h = sequence_upstream(grad_logps, grad_entropy, num_tokens, local.shape[1])
         grad = ctx.impl.backward(logits, local, lse, entropy, g, h, None, ctx.ignore_index, ctx.transform,
                                  ctx.inplace, lse_lo=lse_lo)
         return (grad,) + (None,) * 8

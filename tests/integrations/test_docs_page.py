@@ -35,7 +35,7 @@ def test_page_code_blocks_run(tmp_path, monkeypatch):
 
 def test_page_names_the_public_functions_and_the_pinned_version():
     text = PAGE.read_text(encoding="utf-8")
-    for module in (openrlhf, verl, trl_utils):
+    for module in (openrlhf, verl, trl_utils, trl_head):
         for name in module.__all__:
             if name != "masked_sum":
                 assert name in text, name
