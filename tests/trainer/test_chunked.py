@@ -24,14 +24,17 @@ def test_chunked_trains_like_the_logits_path(pairs_file: Path, tokenizer_dir: Pa
     from mallowspo_fast.ops import lm_head
 
     calls = {"chunked": 0}
-    real = lm_head.linear_sequence_logprobs
 
-    def counting(hidden, weight, labels, **kw):
-        calls["chunked"] += 1
-        assert weight.shape[0] > 1 and weight.dim() == 2  # gathered by ZeRO-3, not a partition placeholder
-        return real(hidden, weight, labels, **kw)
+    def counting(real):
+        def fn(hidden, weight, labels, **kw):
+            calls["chunked"] += 1
+            assert weight.shape[0] > 1 and weight.dim() == 2  # gathered by ZeRO-3, not a partition placeholder
+            return real(hidden, weight, labels, **kw)
+        return fn
 
-    monkeypatch.setattr(lm_head, "linear_sequence_logprobs", counting)
+    # the sequence form, and the token form (with the mean logit of the same pass) of the policy's steps
+    for name in ("linear_sequence_logprobs", "linear_token_logprobs"):
+        monkeypatch.setattr(lm_head, name, counting(getattr(lm_head, name)))
 
     # Mallows-theta with phi_star=auto: the reference pass, the dispersion and the policy all go
     # through the chunked head; small chunks so that every batch spans several of them.
