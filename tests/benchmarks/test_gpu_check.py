@@ -20,7 +20,11 @@ from benchmarks.harness import Result, run_isolated
 from mallowspo_fast import testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TODAY = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+def _utc_today() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+
+
+TODAY = _utc_today()  # the session's start: a run that crosses midnight (UTC) names the folder by the later day
 
 
 def _gpu_check(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -31,7 +35,7 @@ def _gpu_check(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def _folder(out) -> str:
     (name,) = os.listdir(out)
-    assert name.startswith("dry-run-") and name.endswith("_" + TODAY), name
+    assert name.startswith("dry-run-") and name.endswith(("_" + TODAY, "_" + _utc_today())), name
     return os.path.join(out, name)
 
 
