@@ -1,4 +1,4 @@
-"""Fixtures of the data tests: the real data beside the repository and tokenizers trained once per session."""
+"""Fixtures of the data tests: the real data bundled in the repository and tokenizers trained once per session."""
 
 from __future__ import annotations
 
@@ -9,25 +9,19 @@ import pytest
 
 from mallowspo_fast import data
 
-# ../shared/data beside the repository (CI checks it out there too).
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not (SHARED_DATA / "dpo_en_demo.json").is_file():
-        raise FileNotFoundError(f"expected the shared data at {SHARED_DATA}")
-    return SHARED_DATA
+def dpo_demo() -> Path:
+    """The 300 real ShareGPT pairs the package ships (LLaMA-Factory's dpo_en_demo)."""
+    return Path(data.bundled_dataset_path("dpo_en_demo.json"))
 
 
 @pytest.fixture(scope="session")
-def dpo_demo(shared_dir: Path) -> Path:
-    return shared_dir / "dpo_en_demo.json"
-
-
-@pytest.fixture(scope="session")
-def kto_demo(shared_dir: Path) -> Path:
-    return shared_dir / "kto_en_demo.json"
+def kto_demo() -> Path:
+    """LLaMA-Factory's kto_en_demo (real unpaired rows), kept with the tests."""
+    return FIXTURES / "kto_en_demo.json"
 
 
 @pytest.fixture(scope="session")

@@ -286,9 +286,12 @@ def test_real_kto_demo(kto_demo):
     assert ds[5]["completion"] == [A(raw[5]["messages"][-1]["content"])]
 
 
-def test_bundled_copy_matches_shared(dpo_demo):
-    path = data.bundled_dataset_path()
-    assert open(path, "rb").read() == dpo_demo.read_bytes()
+def test_bundled_file_is_the_300_real_pairs():
+    import json
+
+    rows = json.loads(open(data.bundled_dataset_path(), encoding="utf-8").read())
+    assert len(rows) == 300
+    assert all({"conversations", "chosen", "rejected"} <= set(r) for r in rows)
     with pytest.raises(FileNotFoundError, match="available: \\['dpo_en_demo.json'\\]"):
         data.bundled_dataset_path("nope.json")
 
