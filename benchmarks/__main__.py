@@ -65,7 +65,7 @@ def plan(device: str, quick: bool) -> dict:
     return {
         "op": dict(ns=[2048], vocabs=[8192, 32000], dtypes=["fp32"], warmup=2, repeats=10,
                    # the busy-process conditions next to the quiet figure: forward + backward, largest V
-                   busy=dict(vocabs=[32000], passes=["fwdbwd"], conditions=["thread", "thread+mmap"])),
+                   busy=dict(vocabs=[32000], passes=["fwdbwd"], conditions=["thread", "thread+mmap", "thp"])),
         "linear": dict(ns=[2048], hiddens=[256], vocabs=[32000], dtypes=["fp32"], passes=list(linear.PASSES),
                        warmup=1, repeats=5),
         "loss_step": dict(batch=2, seq=512, vocabs=[32000], dtypes=["fp32"], warmup=2, repeats=10),

@@ -32,7 +32,8 @@ from .report import write_report
 ACCS = ("fp64", "fp32")
 ACC_DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
 SWITCH = "COMPILED_ACC"  # module constant of mallowspo_fast.ops.torch_path
-COMPILED_ENV = {"MALLOWSPO_FAST_TORCH_COMPILE": "1", "MALLOWSPO_FAST_BACKEND": None}
+# the Inductor loops (the native C loops sum in fp32 blocks and float64 across them, whatever this switch)
+COMPILED_ENV = {"MALLOWSPO_FAST_TORCH_COMPILE": "1", "MALLOWSPO_FAST_BACKEND": None, "MALLOWSPO_FAST_NATIVE": "0"}
 
 
 def set_compiled_accumulation(acc: str) -> None:

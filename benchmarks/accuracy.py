@@ -13,7 +13,8 @@ the max and the mean over the N rows. Three parts, one table each:
   (``mpf.linear_token_logprobs`` with ``fp32_logits=False``), ``ours-fp32-logits`` (``fp32_logits=True``;
   the flag matters for bf16 / fp16 products only) and ``trl`` (TRL's fused head ``ChunkedLogProbFunction``,
   outputs log_probs and entropy).
-* ``precision``: ours on every backend (``torch-compiled`` and ``torch-eager`` routes of the torch backend,
+* ``precision``: ours on every backend (``torch-native``, ``torch-compiled`` and ``torch-eager`` routes of the
+  torch backend: the native C loops, the Inductor loops, the eager chunks;
   ``triton``, interpreted on CPU, and ``reference``) against ``naive-fp32``, fp32 logits, plain: the goal is
   never to be worse than naive fp32 torch.
 
@@ -51,7 +52,7 @@ from .report import write_report
 PARTS = ("op", "linear", "precision")
 OP_PROVIDERS = ("ours", "trl", "trl-kernel", "naive-fp32")
 LINEAR_PROVIDERS = ("ours", "ours-fp32-logits", "trl")
-BACKENDS = ("torch-compiled", "torch-eager", "triton", "reference")
+BACKENDS = ("torch-native", "torch-compiled", "torch-eager", "triton", "reference")
 SHIFTS = ("plain", "shifted")
 QUANTITIES = ("log-prob", "entropy")
 SHIFT = 1e4
@@ -192,6 +193,11 @@ def linear_provider(name: str) -> Callable[..., Pair]:
 
 def _check_route(name: str) -> None:
     """The torch backend's routes are chosen by the process settings: fail when the wanted one did not run."""
+    if name == "torch-native":
+        from mallowspo_fast.ops import cpu_native
+
+        if cpu_native._State.lib is None:
+            raise RuntimeError(f"the native route did not run ({cpu_native._State.failed or 'not selected'})")
     if name != "torch-compiled":
         return
     from mallowspo_fast.ops import torch_path
@@ -270,8 +276,9 @@ def groups(device: str, parts: list[str]) -> list[tuple[dict, list[tuple[str, st
     """(environment, jobs) per process: the jobs that share a process setting run together. On CPU the
     Triton kernels (ours, TRL's) run interpreted in a process of their own."""
     cuda = device.startswith("cuda")
-    clean = {"MALLOWSPO_FAST_TORCH_COMPILE": None, "MALLOWSPO_FAST_BACKEND": None, "TRITON_INTERPRET": None}
-    default, interpreted, compiled, eager = [], [], [], []
+    clean = {"MALLOWSPO_FAST_TORCH_COMPILE": None, "MALLOWSPO_FAST_BACKEND": None, "TRITON_INTERPRET": None,
+             "MALLOWSPO_FAST_NATIVE": None}
+    default, interpreted, native, compiled, eager = [], [], [], [], []
     if "op" in parts:
         default += [("op", p) for p in OP_PROVIDERS if p != "trl-kernel"]
         (default if cuda else interpreted).append(("op", "trl-kernel"))
@@ -283,10 +290,12 @@ def groups(device: str, parts: list[str]) -> list[tuple[dict, list[tuple[str, st
         if cuda:  # the torch backend on CUDA has one route (fixed-size chunks)
             default.append(("precision", "torch-eager"))
         else:
+            native.append(("precision", "torch-native"))
             compiled.append(("precision", "torch-compiled"))
             eager.append(("precision", "torch-eager"))
     out = [(clean, default), ({**clean, "TRITON_INTERPRET": "1"}, interpreted),
-           ({**clean, "MALLOWSPO_FAST_TORCH_COMPILE": "1"}, compiled),
+           ({**clean, "MALLOWSPO_FAST_TORCH_COMPILE": "1", "MALLOWSPO_FAST_NATIVE": "1"}, native),
+           ({**clean, "MALLOWSPO_FAST_TORCH_COMPILE": "1", "MALLOWSPO_FAST_NATIVE": "0"}, compiled),
            ({**clean, "MALLOWSPO_FAST_TORCH_COMPILE": "0"}, eager)]
     return [(env, jobs) for env, jobs in out if jobs]
 

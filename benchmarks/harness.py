@@ -21,7 +21,11 @@ Conditions (``spec["condition"]``, CPU cases): ``quiet`` (nothing else runs), ``
 reads ``/proc/self/statm`` every 0.5 ms during the case, as a logger or data loader would: it wants the
 GIL between small ops and a core now and then) and ``thread+mmap`` (the same, with glibc's
 ``MALLOC_MMAP_THRESHOLD_=65536`` in the case's environment: every allocation above 64 KiB is a fresh
-mapping whose pages fault in on first touch, as with allocators that return memory eagerly).
+mapping whose pages fault in on first touch, as with allocators that return memory eagerly). ``thp``
+runs quietly with ``THP_MEM_ALLOC_ENABLE=1`` in the case's environment: PyTorch's CPU allocator then asks
+for transparent huge pages on every allocation of 2 MiB or more, which spares every implementation most of
+the page faults of its fresh buffers (our op already asks for them on its gradient, ``ops/pages.py``); the
+condition shows what the baselines gain from a setting a user can make.
 """
 
 from __future__ import annotations
@@ -74,8 +78,9 @@ PEAK_BANDWIDTH_GBS: tuple[tuple[str, float], ...] = (
 
 RESULT_MARKER = "@@BENCH_RESULT@@"
 
-CONDITIONS = ("quiet", "thread", "thread+mmap")
+CONDITIONS = ("quiet", "thread", "thread+mmap", "thp")
 MMAP_THRESHOLD_ENV = ("MALLOC_MMAP_THRESHOLD_", "65536")
+THP_ENV = ("THP_MEM_ALLOC_ENABLE", "1")
 SAMPLER_PERIOD_S = 0.0005
 
 
@@ -411,8 +416,11 @@ def _child_env(spec: dict[str, Any]) -> dict[str, str]:
     # A case measures the real kernels (or the torch path); the Triton interpreter is for tests only.
     if spec["device"].startswith("cuda"):
         env.pop("TRITON_INTERPRET", None)
-    if "mmap" in check_condition(spec.get("condition", "quiet")):
+    condition = check_condition(spec.get("condition", "quiet"))
+    if "mmap" in condition:
         env[MMAP_THRESHOLD_ENV[0]] = MMAP_THRESHOLD_ENV[1]
+    if condition == "thp":
+        env[THP_ENV[0]] = THP_ENV[1]
     # A case's own settings (e.g. the torch backend's route, the Triton interpreter): a value sets, None unsets.
     for name, value in (spec.get("env") or {}).items():
         if value is None:

@@ -183,7 +183,8 @@ def add_sweep_args(p: argparse.ArgumentParser, device: str) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads per case (default: torch's)")
     p.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=["quiet"],
                    help="CPU: quiet, thread (a sampling thread beside the case), thread+mmap (and glibc "
-                        "MALLOC_MMAP_THRESHOLD_=65536)")
+                        "MALLOC_MMAP_THRESHOLD_=65536), thp (THP_MEM_ALLOC_ENABLE=1: huge pages for every "
+                        "large allocation, baselines included)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every case this many times, interleaved, and pool the samples")
     p.add_argument("--no-floor", action="store_true", help="CPU: skip measuring the machine's floor")

@@ -30,6 +30,8 @@ import warnings
 
 import torch
 
+from . import cpu_native
+from .pages import advise_huge, empty_like_huge
 from .torch_rows import compute_dtype, rows_backward, rows_forward, rows_forward_raw
 from .transform import LogitTransform, RowStats
 
@@ -190,6 +192,29 @@ def _compiled_backward_rows(logits, grad, labels, mask, lse, entropy, g, h, g_ls
             _call_compiled("bwd", z, out, *vecs, pre, post, softcap=transform.has_softcap)
 
 
+def _native_forward_rows(logits, labels, mask, transform, outs) -> None:
+    """The native route's forward (``cpu_native``) over every row block, into ``outs`` (logp, H, lse, lse_lo)."""
+    for idx, z in _row_blocks(logits):
+        if z.shape[0] == 0:
+            continue
+        lab = None if labels is None else labels[idx].reshape(-1)
+        msk = None if mask is None else mask[idx].reshape(-1)
+        vals = cpu_native.forward_rows(z, lab, msk, transform.post)
+        for dst, val in zip((outs[0], outs[1], outs[2], outs[6]), vals):
+            if dst is not None:
+                dst[idx] = val.view(dst[idx].shape)
+
+
+def _native_backward_rows(logits, grad, labels, mask, lse, entropy, g, h, g_lse, lse_lo, transform) -> None:
+    inplace = grad is logits
+    for idx, z in _row_blocks(logits):
+        if z.shape[0] == 0:
+            continue
+        out = z if inplace else grad[idx].view(z.shape)
+        vecs = [None if t is None else t[idx].reshape(-1) for t in (labels, mask, lse, entropy, g, h, g_lse, lse_lo)]
+        cpu_native.backward_rows(z, out, *vecs, transform.post)
+
+
 def _compiled_or_none(fn, *args) -> bool:
     """fn(*args) -> True, or False (with one warning; eager chunks from then on) when compilation fails,
     e.g. a machine whose C++ compiler cannot build Inductor's kernels."""
@@ -295,10 +320,12 @@ def _only_pooled(buf: torch.Tensor) -> bool:
 
 
 def _new_gradient(logits: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor like ``logits`` for its gradient: the pooled one when it is free (CPU)."""
+    """An uninitialised tensor like ``logits`` for its gradient: the pooled one when it is free (CPU), else a
+    new one, on huge pages where the system has them (``pages``: a fresh gradient's page faults cost more
+    than the backward's arithmetic)."""
     if (logits.device.type != "cpu" or logits.is_leaf or not _pool_enabled()
             or torch.compiler.is_compiling()):
-        return torch.empty_like(logits)
+        return torch.empty_like(logits) if torch.compiler.is_compiling() else empty_like_huge(logits)
     key = (tuple(logits.shape), logits.dtype)
     with _GradPool.lock:
         buf = _GradPool.buffers.get(key)
@@ -307,6 +334,7 @@ def _new_gradient(logits: torch.Tensor) -> torch.Tensor:
         if buf is None or len(_GradPool.buffers) >= 4:
             _GradPool.buffers.clear()  # a few shapes at most; a new one replaces them
         buf = _GradPool.buffers[key] = torch.empty(logits.shape, dtype=logits.dtype)
+        advise_huge(buf)
         return buf
 
 
@@ -335,8 +363,10 @@ def forward(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
                             None if mask is None else mask.reshape(-1), *_scalars(transform, logits.dtype, dev),
                             softcap=transform.has_softcap, stats=return_stats, acc=torch.float64)
         return RowStats(*(None if v is None else v.view(batch, seq) for v in vals))
-    if not (use_compiled(logits) and _compiled_or_none(_compiled_forward_rows, logits, labels, mask, transform,
-                                                         return_stats, outs)):
+    if use_compiled(logits) and cpu_native.serves(logits, transform.has_softcap, return_stats):
+        _native_forward_rows(logits, labels, mask, transform, outs)
+    elif not (use_compiled(logits) and _compiled_or_none(_compiled_forward_rows, logits, labels, mask, transform,
+                                                           return_stats, outs)):
         _eager_forward_rows(logits, labels, mask, transform, return_stats, outs)
     return RowStats(*outs)
 
@@ -362,7 +392,9 @@ def backward(logits: torch.Tensor, labels: torch.Tensor | None, lse: torch.Tenso
         return grad.view(logits.shape).to(logits.dtype)
     grad = logits if inplace else _new_gradient(logits)
     args = (logits, grad, labels, mask, lse, entropy, g, h, g_lse, lse_lo, transform)
-    if not (use_compiled(logits) and _compiled_or_none(_compiled_backward_rows, *args)):
+    if use_compiled(logits) and cpu_native.serves(logits, transform.has_softcap, False):
+        _native_backward_rows(*args)
+    elif not (use_compiled(logits) and _compiled_or_none(_compiled_backward_rows, *args)):
         _eager_backward_rows(*args)
     return grad
 

@@ -112,9 +112,12 @@ def test_cpu_plan_puts_each_process_setting_in_its_own_process():
     assert by_job[("op", "trl-kernel")]["TRITON_INTERPRET"] == "1"
     assert by_job[("precision", "triton")]["TRITON_INTERPRET"] == "1"
     assert by_job[("precision", "torch-compiled")]["MALLOWSPO_FAST_TORCH_COMPILE"] == "1"
+    assert by_job[("precision", "torch-compiled")]["MALLOWSPO_FAST_NATIVE"] == "0"
+    assert by_job[("precision", "torch-native")]["MALLOWSPO_FAST_NATIVE"] == "1"
     assert by_job[("precision", "torch-eager")]["MALLOWSPO_FAST_TORCH_COMPILE"] == "0"
     default = by_job[("op", "ours")]
-    assert default == {"MALLOWSPO_FAST_TORCH_COMPILE": None, "MALLOWSPO_FAST_BACKEND": None, "TRITON_INTERPRET": None}
+    assert default == {"MALLOWSPO_FAST_TORCH_COMPILE": None, "MALLOWSPO_FAST_BACKEND": None, "TRITON_INTERPRET": None,
+                       "MALLOWSPO_FAST_NATIVE": None}
     assert {job for job, env in by_job.items() if env is default} >= {
         ("op", "trl"), ("op", "naive-fp32"), ("precision", "reference"), ("precision", "naive-fp32"),
         *(("linear", p) for p in accuracy.LINEAR_PROVIDERS)}
@@ -188,7 +191,8 @@ print(json.dumps([out.logps.tolist(), out.entropy.tolist()]))
 def test_fp32_sums_change_the_compiled_forward():
     outs = {}
     for acc in ("fp64", "fp32"):
-        env = _child_env({"device": "cpu", "env": {"MALLOWSPO_FAST_TORCH_COMPILE": "1", "TRITON_INTERPRET": None}})
+        env = _child_env({"device": "cpu", "env": {"MALLOWSPO_FAST_TORCH_COMPILE": "1", "TRITON_INTERPRET": None,
+                                                   "MALLOWSPO_FAST_NATIVE": "0"}})
         proc = subprocess.run([sys.executable, "-c", _SUMS_SCRIPT, acc], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]

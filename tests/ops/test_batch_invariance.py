@@ -11,7 +11,7 @@ import mallowspo_fast as mpf
 from mallowspo_fast.ops import torch_path as tp
 from mallowspo_fast.testing import DEVICE
 
-BACKENDS = ["torch-eager", "torch-compiled", "triton", "reference"]
+BACKENDS = ["torch-eager", "torch-compiled", "torch-native", "triton", "reference"]
 
 
 def _rows(vocab, n=13, seed=0, dtype=torch.float32):

@@ -1,4 +1,4 @@
-"""The compiled route of the torch path (CPU) against the float64 reference, its fallback and its cache.
+"""The compiled (Inductor) route of the torch path (CPU) against the float64 reference, its fallback and its cache.
 
 The route is forced on small shapes (``MALLOWSPO_FAST_TORCH_COMPILE=1``) so that the compilation stays
 short; one vocabulary size per dtype keeps it to a few graphs for the whole file.
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import mallowspo_fast as mpf
+from mallowspo_fast.ops import cpu_native
 from mallowspo_fast.ops import torch_path as tp
 from mallowspo_fast.testing import GRAD_ATOL, VALUE_ATOL, ref_token
 
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.skipif(not tp._compiler_available(), reason="the compil
 @pytest.fixture
 def compiled(monkeypatch):
     monkeypatch.setenv(tp.COMPILE_ENV, "1")
+    monkeypatch.setenv(cpu_native.NATIVE_ENV, "0")  # the Inductor loops, not the native ones (own tests)
     monkeypatch.setattr(tp._CompileState, "failed", None)
     return tp
 

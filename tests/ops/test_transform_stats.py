@@ -20,8 +20,8 @@ from mallowspo_fast.testing import (
     ref_token,
 )
 
-# "torch-eager" and "torch-compiled" force the two routes of the torch backend.
-BACKENDS = ["torch-eager", "torch-compiled", "triton", "reference"]
+# "torch-eager", "torch-compiled" and "torch-native" force the three routes of the torch backend.
+BACKENDS = ["torch-eager", "torch-compiled", "torch-native", "triton", "reference"]
 TRANSFORMS = {
     "plain": dict(),
     "temperature": dict(temperature=0.7),
