@@ -35,7 +35,8 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir={"mallowspo_fast._kernels": "csrc_triton"},
-    package_data={"mallowspo_fast": ["resources/*"]},
+    # the native CPU loops are compiled from source at first use (mallowspo_fast/ops/cpu_native.py)
+    package_data={"mallowspo_fast": ["resources/*"], "mallowspo_fast._kernels": ["*.c"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

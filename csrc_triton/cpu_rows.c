@@ -20,6 +20,10 @@
  * the scaling is vscalefps, which gives 0 below the fp32 range, inf above it and keeps NaN; the portable
  * loop (any other CPU, auto-vectorised) builds 2^n from its bits and selects 0 / inf at the ends.
  *
+ * The gradient's full, aligned vectors are written with non-temporal stores (they bypass the cache and
+ * need no read of the line first). Without a logit scale (post == 1) the multiplications by it are
+ * skipped; with a positive scale the max pass runs on the raw logits (post * max y = max post * y).
+ *
  * Every row is computed by one thread with the same instruction sequence whatever the other rows, the
  * row count or the thread count: a row's results are bitwise the same alone and in any batch. */
 
@@ -185,35 +189,57 @@ static inline void vst_st_bf16(void* row, int64_t j, __mmask16 k, __m512 v) {
 }
 
 #define ROW_SUMS_AVX512(LD)                                                                                 \
-    static void row_sums_##LD(const void* row, int64_t vocab, float post, float* m_out, double* s_out,     \
-                              double* w_out) {                                                              \
+    static inline __attribute__((always_inline)) __m512 sums_step_##LD(                                      \
+        const void* row, int64_t j, __mmask16 k, __m512 vpost, __m512 vshift, __m512 vfloor, __m512* wb,    \
+        const int scaled, const int partial) {                                                              \
+        __m512 z = vld_##LD(row, j, k, 0.0f);                                                               \
+        if (scaled) z = _mm512_mul_ps(z, vpost);                                                            \
+        __m512 zm = _mm512_max_ps(vfloor, _mm512_sub_ps(z, vshift)); /* NaN stays NaN */                    \
+        __m512 e = exp512(zm);                                                                              \
+        if (partial) {                                                                                      \
+            e = _mm512_maskz_mov_ps(k, e);                                                                  \
+            zm = _mm512_maskz_mov_ps(k, zm);                                                                \
+        }                                                                                                   \
+        *wb = _mm512_fmadd_ps(e, zm, *wb);                                                                  \
+        return e;                                                                                           \
+    }                                                                                                       \
+    static inline __attribute__((always_inline)) void row_sums_body_##LD(                                   \
+        const void* row, int64_t vocab, float post, float* m_out, double* s_out, double* w_out,            \
+        const int scaled) {                                                                                 \
         const __m512 vpost = _mm512_set1_ps(post);                                                          \
         __m512 vm0 = _mm512_set1_ps(-INFINITY), vm1 = vm0;                                                  \
         int64_t j = 0;                                                                                      \
         for (; j + 32 <= vocab; j += 32) {                                                                  \
-            vm0 = _mm512_max_ps(vm0, _mm512_mul_ps(vld_##LD(row, j, 0xFFFF, 0.0f), vpost));                \
-            vm1 = _mm512_max_ps(vm1, _mm512_mul_ps(vld_##LD(row, j + 16, 0xFFFF, 0.0f), vpost));           \
+            vm0 = _mm512_max_ps(vm0, vld_##LD(row, j, 0xFFFF, 0.0f));                                       \
+            vm1 = _mm512_max_ps(vm1, vld_##LD(row, j + 16, 0xFFFF, 0.0f));                                  \
         }                                                                                                   \
         for (; j < vocab; j += 16) {                                                                        \
             __mmask16 k = tail_mask(vocab - j);                                                             \
-            __m512 v = _mm512_mul_ps(vld_##LD(row, j, k, 0.0f), vpost);                                    \
-            vm0 = _mm512_mask_max_ps(vm0, k, vm0, v);                                                       \
+            vm0 = _mm512_mask_max_ps(vm0, k, vm0, vld_##LD(row, j, k, 0.0f));                               \
         }                                                                                                   \
         float m = _mm512_reduce_max_ps(_mm512_max_ps(vm0, vm1));                                            \
+        if (scaled) { /* max(post y) = post max y for post > 0, post min y for post < 0 */                 \
+            if (post >= 0.0f) m = m * post;                                                                 \
+            else {                                                                                          \
+                __m512 vn = _mm512_set1_ps(-INFINITY);                                                      \
+                for (j = 0; j < vocab; j += 16) {                                                           \
+                    __mmask16 k = tail_mask(vocab - j);                                                     \
+                    vn = _mm512_mask_max_ps(vn, k, vn, _mm512_mul_ps(vld_##LD(row, j, k, 0.0f), vpost));    \
+                }                                                                                           \
+                m = _mm512_reduce_max_ps(vn);                                                               \
+            }                                                                                               \
+        }                                                                                                   \
         float shift = isfinite(m) ? m : 0.0f;                                                              \
         const __m512 vshift = _mm512_set1_ps(shift), vfloor = _mm512_set1_ps(FLOOR_Z);                      \
         __m512d s0 = _mm512_setzero_pd(), s1 = s0, w0 = s0, w1 = s0;                                        \
         for (int64_t j0 = 0; j0 < vocab; j0 += BLK) {                                                       \
             int64_t end = vocab - j0 < BLK ? vocab : j0 + BLK;                                              \
             __m512 sb = _mm512_setzero_ps(), wb = sb;                                                       \
-            for (j = j0; j < end; j += 16) {                                                                \
-                __mmask16 k = tail_mask(end - j);                                                           \
-                __m512 zm = _mm512_sub_ps(_mm512_mul_ps(vld_##LD(row, j, k, 0.0f), vpost), vshift);       \
-                zm = _mm512_max_ps(vfloor, zm); /* NaN stays NaN */                                          \
-                __m512 e = _mm512_maskz_mov_ps(k, exp512(zm));                                             \
-                sb = _mm512_add_ps(sb, e);                                                                  \
-                wb = _mm512_fmadd_ps(e, _mm512_maskz_mov_ps(k, zm), wb);                                    \
-            }                                                                                               \
+            for (j = j0; j + 16 <= end; j += 16)                                                            \
+                sb = _mm512_add_ps(sb, sums_step_##LD(row, j, 0xFFFF, vpost, vshift, vfloor, &wb, scaled, 0)); \
+            if (j < end)                                                                                    \
+                sb = _mm512_add_ps(sb, sums_step_##LD(row, j, tail_mask(end - j), vpost, vshift, vfloor, &wb,  \
+                                                      scaled, 1));                                          \
             s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(sb)));                            \
             s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(                \
                                                                       _mm512_castps_pd(sb), 1))));          \
@@ -224,26 +250,66 @@ static inline void vst_st_bf16(void* row, int64_t j, __mmask16 k, __m512 v) {
         *m_out = shift;                                                                                     \
         *s_out = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));                                               \
         *w_out = _mm512_reduce_add_pd(_mm512_add_pd(w0, w1));                                               \
+    }                                                                                                       \
+    static void row_sums_##LD(const void* row, int64_t vocab, float post, float* m_out, double* s_out,     \
+                              double* w_out) {                                                              \
+        if (post == 1.0f)                                                                                   \
+            row_sums_body_##LD(row, vocab, post, m_out, s_out, w_out, 0);                                   \
+        else                                                                                                \
+            row_sums_body_##LD(row, vocab, post, m_out, s_out, w_out, 1);                                   \
     }
 
+/* Gradient stores: full 64-byte-aligned vectors go straight to memory (non-temporal: the gradient is not
+ * read again here, and the store needs no read of the line first); the rest as ordinary masked stores. */
+static inline void vst_nt_st_f32(void* row, int64_t j, __mmask16 k, __m512 v) {
+    float* p = (float*)row + j;
+    if (k == 0xFFFF && ((uintptr_t)p & 63) == 0)
+        _mm512_stream_ps(p, v);
+    else
+        _mm512_mask_storeu_ps(p, k, v);
+}
+static inline void vst_nt_st_bf16(void* row, int64_t j, __mmask16 k, __m512 v) {
+    __m512i b = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    __m256i h = _mm512_cvtepi32_epi16(r);
+    uint16_t* p = (uint16_t*)row + j;
+    if (k == 0xFFFF && ((uintptr_t)p & 31) == 0)
+        _mm256_stream_si256((__m256i*)p, h);
+    else
+        _mm256_mask_storeu_epi16(p, k, h);
+}
+
 #define ROW_GRAD_AVX512(LD, ST)                                                                             \
-    static void row_grad_##LD(const void* row, void* orow, int64_t vocab, float post, float l, float lo,   \
-                              float c, float hr, float gr, int64_t k) {                                     \
+    static inline __attribute__((always_inline)) void row_grad_body_##LD(                                   \
+        const void* row, void* orow, int64_t vocab, float post, float l, float lo, float c, float hr,       \
+        float gr, int64_t k, const int scaled) {                                                            \
         const __m512 vpost = _mm512_set1_ps(post), vl = _mm512_set1_ps(l), vlo = _mm512_set1_ps(lo);        \
         const __m512 vc = _mm512_set1_ps(c), vh = _mm512_set1_ps(hr), vfloor = _mm512_set1_ps(FLOOR_Z);     \
         const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);       \
         for (int64_t j = 0; j < vocab; j += 16) {                                                           \
             __mmask16 m = tail_mask(vocab - j);                                                             \
-            __m512 lp = _mm512_sub_ps(_mm512_mul_ps(vld_##LD(row, j, m, 0.0f), vpost), vl);                \
-            lp = _mm512_sub_ps(lp, vlo);                                                                    \
+            __m512 z = vld_##LD(row, j, m, 0.0f);                                                           \
+            if (scaled) z = _mm512_mul_ps(z, vpost);                                                        \
+            __m512 lp = _mm512_sub_ps(_mm512_sub_ps(z, vl), vlo);                                           \
             lp = _mm512_max_ps(vfloor, lp);                                                                 \
-            __m512 v = _mm512_mul_ps(exp512(lp), _mm512_sub_ps(vc, _mm512_mul_ps(vh, lp)));                \
+            __m512 v = _mm512_mul_ps(exp512(lp), _mm512_fnmadd_ps(vh, lp, vc));                            \
             if (k >= j && k < j + 16) {                                                                     \
                 __mmask16 hit = _mm512_cmpeq_epi32_mask(lane, _mm512_set1_epi32((int)(k - j)));             \
                 v = _mm512_mask_add_ps(v, hit, v, _mm512_set1_ps(gr));                                      \
             }                                                                                               \
-            vst_##ST(orow, j, m, _mm512_mul_ps(v, vpost));                                                  \
+            if (scaled) v = _mm512_mul_ps(v, vpost);                                                        \
+            vst_nt_##ST(orow, j, m, v);                                                                     \
         }                                                                                                   \
+        _mm_sfence();                                                                                       \
+    }                                                                                                       \
+    static void row_grad_##LD(const void* row, void* orow, int64_t vocab, float post, float l, float lo,   \
+                              float c, float hr, float gr, int64_t k) {                                     \
+        if (post == 1.0f)                                                                                   \
+            row_grad_body_##LD(row, orow, vocab, post, l, lo, c, hr, gr, k, 0);                             \
+        else                                                                                                \
+            row_grad_body_##LD(row, orow, vocab, post, l, lo, c, hr, gr, k, 1);                             \
     }
 
 ROW_SUMS_AVX512(ld_f32)

@@ -16,6 +16,7 @@ import torch
 import mallowspo_fast as mpf
 from mallowspo_fast.ops import cpu_native, pages
 from mallowspo_fast.ops import torch_path as tp
+from mallowspo_fast.ops.transform import LogitTransform
 from mallowspo_fast.testing import GRAD_ATOL, VALUE_ATOL, ref_token
 
 pytestmark = pytest.mark.skipif(cpu_native._compiler() is None, reason="the native route needs a C compiler")
@@ -103,6 +104,21 @@ def test_temperature_strided_view_inplace_and_no_labels(native):
     _, _, ref_h = ref_token(logits, torch.zeros(logits.shape[:2], dtype=torch.long))
     torch.testing.assert_close(no_labels.entropy.double(), ref_h, atol=VALUE_ATOL[torch.float32], rtol=1e-5)
     torch.testing.assert_close(no_labels.lse.double(), torch.logsumexp(logits.double(), -1), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.5, -0.75])
+def test_logit_scales_of_either_sign(native, scale):
+    """A positive scale takes the max of the raw logits, a negative one of the scaled logits."""
+    logits, labels, g, h = _inputs(torch.float32, vocab=333)
+    x = logits.clone().requires_grad_(True)
+    out = mpf.token_logprobs(x, labels, logit_scale=scale, backend="torch")
+    (out.logps * g + out.entropy * h).sum().backward()
+    transform = LogitTransform.checked(1.0, None, scale, "test")
+    xr, ref_lp, ref_h = ref_token(logits, labels, -100, transform=transform)
+    torch.testing.assert_close(out.logps.double(), ref_lp, atol=VALUE_ATOL[torch.float32], rtol=1e-5)
+    torch.testing.assert_close(out.entropy.double(), ref_h, atol=VALUE_ATOL[torch.float32], rtol=1e-5)
+    (ref_lp * g.double() + ref_h * h.double()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=GRAD_ATOL[torch.float32], rtol=1e-2)
 
 
 def test_large_logits_keep_their_precision(native):
