@@ -41,6 +41,29 @@ def sequence_upstream(grad_logps, grad_entropy, num_tokens, seq: int):
     return g, h
 
 
+def save_token_outputs(ctx, logits, saved_labels, rows, has_labels: bool, return_stats: bool) -> tuple:
+    """The per-token functions' forward epilogue (single device and vocab-parallel): save what the backward
+    needs, mark the statistics non-differentiable, and return the outputs. The saved statistics are copies of
+    what is returned ([B, T] floats): a caller editing a result in place must not change the backward."""
+    lse = rows.lse if has_labels else rows.lse.clone()
+    ctx.save_for_backward(logits, saved_labels, lse, rows.entropy.clone(), rows.lse_lo)
+    ctx.has_labels = has_labels
+    ctx.set_materialize_grads(False)
+    extra = (rows.log_sum_sq_probs, rows.mean_logits) if return_stats else ()
+    if has_labels:
+        outs = (rows.logps, rows.entropy, *extra, *((rows.is_top1,) if return_stats else ()))
+        ctx.mark_non_differentiable(rows.lse, *outs[2:])
+    else:
+        outs = (rows.entropy, rows.lse, *extra)
+        ctx.mark_non_differentiable(*outs[2:])
+    return outs
+
+
+def token_upstream(ctx, grads) -> tuple:
+    """(g, h, g_lse) of the per-token functions' outputs: (logps, entropy) with labels, (entropy, lse) without."""
+    return (grads[0], grads[1], None) if ctx.has_labels else (None, grads[0], grads[1])
+
+
 class TokenLogprobsFunction(torch.autograd.Function):
     """logits [B, T, V], labels [B, T] or None -> with labels (logps, entropy[, log_sum_sq_probs, mean_logits,
     is_top1]); without (entropy, lse[, log_sum_sq_probs, mean_logits]). The statistics are not differentiable."""
@@ -50,29 +73,13 @@ class TokenLogprobsFunction(torch.autograd.Function):
                 return_stats: bool, backend: str):
         impl = backend_module(backend)
         rows = impl.forward(logits, labels, ignore_index, transform, return_stats)
-        # The saved statistics are copies of what is returned ([B, T] floats): a caller editing a result in
-        # place must not change the backward.
-        lse = rows.lse.clone() if labels is None else rows.lse
-        ctx.save_for_backward(logits, labels, lse, rows.entropy.clone(), rows.lse_lo)
         ctx.ignore_index, ctx.transform, ctx.inplace, ctx.impl = ignore_index, transform, inplace, impl
-        ctx.has_labels = labels is not None
-        ctx.set_materialize_grads(False)
-        extra = (rows.log_sum_sq_probs, rows.mean_logits) if return_stats else ()
-        if ctx.has_labels:
-            outs = (rows.logps, rows.entropy, *extra, *((rows.is_top1,) if return_stats else ()))
-            ctx.mark_non_differentiable(rows.lse, *outs[2:])
-        else:
-            outs = (rows.entropy, rows.lse, *extra)
-            ctx.mark_non_differentiable(*outs[2:])
-        return outs
+        return save_token_outputs(ctx, logits, labels, rows, labels is not None, return_stats)
 
     @staticmethod
     def backward(ctx, *grads):
         logits, labels, lse, entropy, lse_lo = ctx.saved_tensors
-        if ctx.has_labels:
-            g, h, g_lse = grads[0], grads[1], None
-        else:
-            g, h, g_lse = None, grads[0], grads[1]
+        g, h, g_lse = token_upstream(ctx, grads)
         if g is None and h is None and g_lse is None:
             return (None,) * 7
         grad = ctx.impl.backward(logits, labels, lse, entropy, g, h, g_lse, ctx.ignore_index, ctx.transform,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .functions import backend_module, sequence_upstream
+from .functions import backend_module, save_token_outputs, sequence_upstream, token_upstream
 from .logprobs import (
     IGNORE_INDEX,
     SequenceLogprobs,
@@ -110,24 +110,13 @@ class VocabParallelTokenFunction(torch.autograd.Function):
         local = None if labels is None else local_labels(labels, vocab_start, logits.shape[-1], ignore_index)
         rows = combined_rows(impl, logits, labels, local, ignore_index, transform, return_stats, group,
                              vocab_start, where)
-        ctx.save_for_backward(logits, local, rows.lse.clone() if labels is None else rows.lse, rows.entropy.clone(),
-                              rows.lse_lo)
         ctx.ignore_index, ctx.transform, ctx.inplace, ctx.impl = ignore_index, transform, inplace, impl
-        ctx.has_labels = labels is not None
-        ctx.set_materialize_grads(False)
-        extra = (rows.log_sum_sq_probs, rows.mean_logits) if return_stats else ()
-        if ctx.has_labels:
-            outs = (rows.logps, rows.entropy, *extra, *((rows.is_top1,) if return_stats else ()))
-            ctx.mark_non_differentiable(rows.lse, *outs[2:])
-        else:
-            outs = (rows.entropy, rows.lse, *extra)
-            ctx.mark_non_differentiable(*outs[2:])
-        return outs
+        return save_token_outputs(ctx, logits, local, rows, labels is not None, return_stats)
 
     @staticmethod
     def backward(ctx, *grads):
         logits, local, lse, entropy, lse_lo = ctx.saved_tensors
-        g, h, g_lse = (grads[0], grads[1], None) if ctx.has_labels else (None, grads[0], grads[1])
+        g, h, g_lse = token_upstream(ctx, grads)
         if g is None and h is None and g_lse is None:
             return (None,) * 10
         grad = ctx.impl.backward(logits, local, lse, entropy, g, h, g_lse, ctx.ignore_index, ctx.transform,
