@@ -1,7 +1,9 @@
-"""Where the time of the torch path goes on CPU: the two routes under the three conditions, with counts.
+"""Where the time of the torch path goes on CPU: its routes under the suite's conditions, with counts.
 
 For each route of ``backend="torch"`` (``eager``: the chunked eager ops; ``compiled``: the two fused
-loops of torch.compile, see ``mallowspo_fast/ops/torch_path.py``) and each condition of the benchmark
+loops of torch.compile; ``native``: our C loops, see ``mallowspo_fast/ops/torch_path.py``;
+``native-4k``: the native loops with the gradient on ordinary pages, ``MALLOWSPO_FAST_HUGE_PAGES=0``)
+and each condition of the benchmark
 suite (``quiet``, ``thread``, ``thread+mmap``; see ``benchmarks/harness.py``), one process runs forward +
 backward like a training step (random logits [N, V] with requires_grad, every ``--mask-every``-th label
 ignored, loss = logps.sum() + 0.5·entropy.sum(), ``x.grad = None`` between repeats) and reports per call:
@@ -32,7 +34,10 @@ import time
 
 from .harness import CONDITIONS, DTYPES, StatmSampler, _child_env
 
-ROUTES = ("eager", "compiled")
+ROUTES = ("eager", "compiled", "native", "native-4k")
+# route -> (MALLOWSPO_FAST_TORCH_COMPILE, MALLOWSPO_FAST_NATIVE, MALLOWSPO_FAST_HUGE_PAGES)
+ROUTE_ENV = {"eager": ("0", "0", "1"), "compiled": ("1", "0", "1"), "native": ("1", "1", "1"),
+             "native-4k": ("1", "1", "0")}
 
 
 def _child(cfg: dict) -> dict:
@@ -85,7 +90,8 @@ def _child(cfg: dict) -> dict:
 
 def run(cfg: dict) -> dict:
     env = _child_env({"device": "cpu", "condition": cfg["condition"]})
-    env["MALLOWSPO_FAST_TORCH_COMPILE"] = "1" if cfg["route"] == "compiled" else "0"
+    names = ("MALLOWSPO_FAST_TORCH_COMPILE", "MALLOWSPO_FAST_NATIVE", "MALLOWSPO_FAST_HUGE_PAGES")
+    env.update(zip(names, ROUTE_ENV[cfg["route"]]))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.profile_op", "--child", json.dumps(cfg)],
                           capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:

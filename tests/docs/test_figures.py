@@ -149,6 +149,12 @@ def _run_date() -> list[float]:
     return [float(x) for x in m.groups()]
 
 
+def _bandwidth() -> float:
+    m = re.search(r"Floor of a case = max\(bytes / ([\d.]+) GB/s", read(CPU).split("## CPU floor", 1)[1])
+    assert m, "no bandwidth in the CPU floor section"
+    return float(m.group(1))
+
+
 def _exp_rate() -> float:
     m = re.search(r"exp ([\d.]+) G/s", read(CPU).split("## CPU floor", 1)[1])
     assert m, "no exp rate in the CPU floor section"
@@ -273,10 +279,10 @@ CLAIMS: list[tuple[str, str, Callable[[], list[float]]]] = [
      + [f(_op_pass(p, "speed vs compiled")) for p in ("fwd", "bwd", "fwdbwd") for f in (min, max)]
      + [f(_op_pass(p, "speed vs ref")) for p in ("fwd", "bwd", "fwdbwd") for f in (min, max)]),
     ("docs/benchmarks.md", "the op, against `torch.compile` of the whole loss (quiet condition), is {}× (V = {}) and "
-     "{}× (V = {}) faster in forward + backward, short of our 2× goal; the forward alone is on par with it "
-     "({}× at V = {})",
+     "{}× (V = {}) faster in forward + backward, past our 2× goal; the forward alone is {}× faster (V = {})",
      lambda: [_faster("compiled-loss", 8192), 8192, _faster("compiled-loss", 32000), 32000,
-              _faster("compiled-loss", 32000, "fwd"), 32000]),
+              _faster("compiled-loss", 32000, "fwd"), 32000]
+     if min(_faster("compiled-loss", v) for v in (8192, 32000)) >= 2 else [float("nan")] * 6),
     ("docs/benchmarks.md", "against TRL's one-read function, {}× faster in forward + backward at V = {} "
      "({}× at V = {})",
      lambda: [_faster("trl", 32000), 32000, _faster("trl", 8192), 8192]),
@@ -286,22 +292,26 @@ CLAIMS: list[tuple[str, str, Callable[[], list[float]]]] = [
               / median(cpu_row("loss_step", loss=x, provider="ours")) for x in ("sigmoid", "mallows_theta")]),
     ("docs/benchmarks.md", "TRL's `ChunkedLogProbFunction` takes {}× the logits and {}× our time",
      lambda: [mem_ratio(_linear("trl")), median(_linear("trl")) / median(_linear("ours-chunked"))]),
-    ("docs/benchmarks.md", "against the machine's floor (exp-bound at {} G/s of exps): the forward takes {}–{}× it, "
-     "the backward {}–{}× and forward + backward {}–{}×; `torch.compile` of the per-token reference takes {}–{}× "
-     "it in forward + backward",
+    ("docs/benchmarks.md", "against the machine's floor ({} G/s of exps, so fp32 is memory-bound here): the forward "
+     "takes {}–{}× it, the backward {}–{}× and forward + backward {}–{}×; `torch.compile` of the per-token "
+     "reference takes {}–{}× it in forward + backward",
      lambda: [_exp_rate()] + [f(_op_pass(p, "× floor")) for p in ("fwd", "bwd", "fwdbwd") for f in (min, max)]
      + [f(_op_pass("fwdbwd", "× floor", "compiled")) for f in (min, max)]),
     ("docs/benchmarks.md", "busy process at V = {}, forward + backward: ours {} ms (`thread`) and {} ms "
      "(`thread+mmap`) against {} ms quiet; `torch.compile` of the reference {} and {} ms",
      lambda: [32000, median(_op("ours", "thread")), median(_op("ours", "thread+mmap")), median(_op("ours")),
               median(_op("compiled", "thread")), median(_op("compiled", "thread+mmap"))]),
+    ("docs/cpu-performance.md", "at N = 4096, V = 32000, fp32 the floor is 2·N·V = {} M exps at {} G/s, {} ms, against "
+     "3·L = {} GB at {} GB/s, {} ms",
+     lambda: [2 * 4096 * 32000 / 1e6, _exp_rate(), 2 * 4096 * 32000 / _exp_rate() / 1e6, 3 * 4096 * 32000 * 4 / 1e9,
+              _bandwidth(), 3 * 4096 * 32000 * 4 / _bandwidth() / 1e6]),
     ("docs/cpu-performance.md", "The full suite's run on a quiet machine ([results/benchmarks/cpu.md]"
      "(results/benchmarks/cpu.md), {}-{}-{}) measured {} G/s of exps and {} GB/s of copy bandwidth",
      lambda: [*_run_date(), _exp_rate(),
               float(re.search(r"copy ([\d.]+) GB/s", read(CPU).split("## CPU floor", 1)[1]).group(1))]),
-    ("docs/op.md", "Ours is the compiled route at this size: {}× faster than `torch.compile` of the whole loss "
+    ("docs/op.md", "Ours is the native route at this size: {}× faster than `torch.compile` of the whole loss "
      "quiet, {}× and {}× in the busy conditions ({}×, {}× and {}× faster than `torch.compile` of the per-token "
-     "reference), at {}× the machine's floor ({} ms, exp-bound)",
+     "reference), at {}× the machine's floor ({} ms, memory-bound)",
      lambda: [_speedup("compiled-loss", c) for c in ("quiet", "thread", "thread+mmap")]
      + [_speedup("compiled", c) for c in ("quiet", "thread", "thread+mmap")]
      + [ratio(_op("ours"), "× floor"), _floor_ms(_op("ours"))]),
@@ -446,7 +456,58 @@ def _worst_inductor_huge() -> list[float]:
     return [float(r["fwd+bwd speed-up vs inductor, 4 KiB"].rstrip("x")), float(r["N"]), float(r["V"])]
 
 
+SWEEP = RESULTS / "benchmarks" / "op_cpu_goal_sweep" / "results.md"
+BUSY = ("quiet", "thread", "thread+mmap")
+
+
+def _sweep(provider: str = "ours", conditions: tuple[str, ...] = ("quiet",), dtype: str | None = None
+           ) -> list[dict[str, str]]:
+    return [r for r in md_table(SWEEP, "| pass |") if r["provider"] == provider and r["condition"] in conditions
+            and dtype in (None, r["dtype"])]
+
+
+def _sweep_speed(conditions: tuple[str, ...]) -> list[float]:
+    return [float(r["speed vs strongest compiled"].split("×")[0]) for r in _sweep(conditions=conditions)]
+
+
+def _sweep_floor(dtype: str) -> list[float]:
+    return [ratio(r, "× floor") for r in _sweep(dtype=dtype)]
+
+
+def _sweep_rates() -> list[float]:
+    m = re.search(r"copy ([\d.]+) GB/s .*?exp ([\d.]+) G/s", read(SWEEP).split("## floor", 1)[1])
+    assert m, "no floor rates in the sweep's report"
+    return [float(m.group(2)), float(m.group(1))]
+
+
 CLAIMS += [
+    ("README.md", "quiet and busy, ours is {}–{}× faster than the whole-loss baseline, and {}–{}× when both run "
+     "with PyTorch's huge-page allocator",
+     lambda: [min(_sweep_speed(BUSY)), max(_sweep_speed(BUSY)), min(_sweep_speed(("thp",))),
+              max(_sweep_speed(("thp",)))]),
+    ("docs/cpu-performance.md", "in the quiet and the two busy conditions ours is {}–{}× faster than "
+     "`torch.compile` of the whole loss, at every one of the {} cases",
+     lambda: [min(_sweep_speed(BUSY)), max(_sweep_speed(BUSY)), len(_sweep_speed(BUSY))]
+     if min(_sweep_speed(BUSY)) >= 2 else [float("nan")] * 3),
+    ("docs/cpu-performance.md", "ours is {}–{}× faster: the goal holds at {} of the {}, not at N = 2048, V = 32000, "
+     "bf16",
+     lambda: [min(_sweep_speed(("thp",))), max(_sweep_speed(("thp",))),
+              sum(v >= 2 for v in _sweep_speed(("thp",))), len(_sweep_speed(("thp",)))]),
+    ("docs/cpu-performance.md", "this run measured {} G/s of exps (the native loops' exponential summed over "
+     "cache-resident data) and {} GB/s", _sweep_rates),
+    ("docs/cpu-performance.md", "ours is within 2× of the floor at {} of the {} fp32 shapes quiet ({}–{}×)",
+     lambda: [sum(v <= 2.0 for v in _sweep_floor("fp32")), len(_sweep_floor("fp32")), min(_sweep_floor("fp32")),
+              max(_sweep_floor("fp32"))]),
+    ("docs/cpu-performance.md", "ours is at {}–{}× its floor quiet, at no bf16 shape within 2×",
+     lambda: [min(_sweep_floor("bf16")), max(_sweep_floor("bf16"))] if max(_sweep_floor("bf16")) > 2
+     and min(_sweep_floor("bf16")) > 2 else [float("nan")] * 2),
+    ("docs/cpu-performance.md", "(2.4× the exp-only time: {} ms for the {} M exps of N = 2048, V = 32000 with every "
+     "7th row masked, which take {} ms at {} G/s",
+     lambda: [_route("native, huge", "fwd", dtype="bf16"), 2048 * 32000 * 6 / 7 / 1e6,
+              2048 * 32000 * 6 / 7 / (_sweep_rates()[0] * 1e9) * 1e3, _sweep_rates()[0]]),
+    ("docs/cpu-performance.md", "the gradient's arithmetic and stores into 125 MiB of fresh pages ({} ms)",
+     lambda: [_route("native, huge", "fwd+bwd", dtype="bf16") - _route("native, huge", "fwd", dtype="bf16")]),
+
     ("docs/cpu-performance.md", "The forward is {}–{}× faster in the native loops",
      lambda: [min(_route_fwd_gains()), max(_route_fwd_gains())]),
     ("docs/cpu-performance.md", "on ordinary pages the native forward + backward at N = 2048, V = 32000, fp32 takes "
@@ -530,8 +591,9 @@ def test_machine_of_the_committed_cpu_run() -> None:
         m = re.search(machine + r"[^)]*?(\d{4}-\d{2}-\d{2})", text)
         assert m, rel(page)
         assert m.group(3) == date, (rel(page), m.group(0), date)
-    # "the op is exp-bound here": the floor of the quoted op case is set by the exp rate
-    assert _op("ours")["floor ms"].endswith("(exp)")
+    # "fp32 forward + backward is memory-bound here": the floor of the quoted op case is set by the bytes
+    assert _op("ours")["floor ms"].endswith("(memory)")
+    assert "fp32 forward + backward is memory-bound here" in _squash(read(README))
 
 
 def test_launch_heuristics_table_is_the_code() -> None:
