@@ -480,7 +480,14 @@ def _sweep_rates() -> list[float]:
     return [float(m.group(2)), float(m.group(1))]
 
 
+def _profile(route: str, condition: str = "quiet") -> dict[str, str]:
+    rows = md_table(RESULTS / "benchmarks" / "profile_native_cpu.md", "| route |")
+    return next(r for r in rows if r["route"] == route and r["condition"] == condition)
+
+
 CLAIMS += [
+    ("docs/cpu-performance.md", "the gradient's 250 MiB cost {} page faults per call (quiet); on huge pages {}, and",
+     lambda: [_as_float(_profile(r)["minor faults / call"]) for r in ("native-4k", "native")]),
     ("README.md", "quiet and busy, ours is {}–{}× faster than the whole-loss baseline, and {}–{}× when both run "
      "with PyTorch's huge-page allocator",
      lambda: [min(_sweep_speed(BUSY)), max(_sweep_speed(BUSY)), min(_sweep_speed(("thp",))),
