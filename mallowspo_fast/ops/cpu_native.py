@@ -69,6 +69,19 @@ def cache_dir() -> Path:
     return Path(root) / "native"
 
 
+def _writable(directory: Path) -> Path:
+    """``directory`` (created), or a per-user folder under the system's temporary directory when it cannot be
+    written (a read-only home)."""
+    for d in (directory, Path(tempfile.gettempdir()) / f"mallowspo_fast-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            if os.access(d, os.W_OK):
+                return d
+        except OSError:
+            continue
+    raise RuntimeError(f"no writable folder for the native CPU kernels ({directory} and the temporary directory)")
+
+
 def build(extra_flags: tuple[str, ...] = (), directory: Path | None = None) -> Path:
     """Compile the C source (cached) and return the library's path; raises RuntimeError with the
     compiler's output when no flag set compiles. ``extra_flags`` (e.g. ``-DMALLOWSPO_PORTABLE``) give
@@ -77,8 +90,7 @@ def build(extra_flags: tuple[str, ...] = (), directory: Path | None = None) -> P
     if cc is None:
         raise RuntimeError("no C compiler found ($CC, cc, gcc, clang)")
     src = source_path().read_bytes()
-    directory = directory or cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = directory or _writable(cache_dir())
     errors = []
     for flags in FLAG_SETS:
         flags = (*flags, *extra_flags)
@@ -130,7 +142,7 @@ def library() -> ctypes.CDLL | None:
         if _State.lib is None and _State.failed is None:
             try:
                 _State.lib = load(build())
-            except (RuntimeError, OSError) as e:
+            except (RuntimeError, OSError, AttributeError) as e:  # AttributeError: a symbol missing
                 _State.failed = str(e)[:500]
                 warnings.warn(f"mallowspo_fast: the native CPU kernels are unavailable ({_State.failed}); "
                               "the compiled route serves the torch backend's CPU calls", RuntimeWarning,

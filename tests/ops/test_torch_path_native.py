@@ -204,6 +204,16 @@ def test_route_selection_and_build_failure(monkeypatch, tmp_path):
     assert "compiling the native CPU kernels failed" in cpu_native._State.failed
 
 
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setattr(cpu_native.tempfile, "tempdir", str(tmp_path / "tmp"))
+    got = cpu_native._writable(blocked / "native")
+    assert got.parent == tmp_path / "tmp" and got.name.startswith("mallowspo_fast-") and got.is_dir()
+    lib = cpu_native.load(cpu_native.build(directory=got))
+    assert lib.cpu_rows_simd_width() in (1, 16)
+
+
 def test_fresh_gradients_ask_for_huge_pages(monkeypatch):
     big = torch.empty(16 * 2**20 // 4)
     asked = pages.advise_huge(big) if pages.enabled() else 0
