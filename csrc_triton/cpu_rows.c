@@ -177,17 +177,6 @@ static inline __m512 vld_ld_bf16(const void* row, int64_t j, __mmask16 k, float 
     __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     return _mm512_mask_blend_ps(k, _mm512_set1_ps(fill), v);
 }
-static inline void vst_st_f32(void* row, int64_t j, __mmask16 k, __m512 v) {
-    _mm512_mask_storeu_ps((float*)row + j, k, v);
-}
-static inline void vst_st_bf16(void* row, int64_t j, __mmask16 k, __m512 v) {
-    __m512i b = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    _mm256_mask_storeu_epi16((uint16_t*)row + j, k, _mm512_cvtepi32_epi16(r));
-}
-
 #define ROW_SUMS_AVX512(LD)                                                                                 \
     static inline __attribute__((always_inline)) __m512 sums_step_##LD(                                      \
         const void* row, int64_t j, __mmask16 k, __m512 vpost, __m512 vshift, __m512 vfloor, __m512* wb,    \
@@ -261,14 +250,14 @@ static inline void vst_st_bf16(void* row, int64_t j, __mmask16 k, __m512 v) {
 
 /* Gradient stores: full 64-byte-aligned vectors go straight to memory (non-temporal: the gradient is not
  * read again here, and the store needs no read of the line first); the rest as ordinary masked stores. */
-static inline void vst_nt_st_f32(void* row, int64_t j, __mmask16 k, __m512 v) {
+static inline void vst_st_f32(void* row, int64_t j, __mmask16 k, __m512 v) {
     float* p = (float*)row + j;
     if (k == 0xFFFF && ((uintptr_t)p & 63) == 0)
         _mm512_stream_ps(p, v);
     else
         _mm512_mask_storeu_ps(p, k, v);
 }
-static inline void vst_nt_st_bf16(void* row, int64_t j, __mmask16 k, __m512 v) {
+static inline void vst_st_bf16(void* row, int64_t j, __mmask16 k, __m512 v) {
     __m512i b = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
@@ -300,7 +289,7 @@ static inline void vst_nt_st_bf16(void* row, int64_t j, __mmask16 k, __m512 v) {
                 v = _mm512_mask_add_ps(v, hit, v, _mm512_set1_ps(gr));                                      \
             }                                                                                               \
             if (scaled) v = _mm512_mul_ps(v, vpost);                                                        \
-            vst_nt_##ST(orow, j, m, v);                                                                     \
+            vst_##ST(orow, j, m, v);                                                                     \
         }                                                                                                   \
         _mm_sfence();                                                                                       \
     }                                                                                                       \

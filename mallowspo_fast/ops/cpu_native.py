@@ -176,10 +176,10 @@ def forward_rows(z: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tenso
     lib = lib or library()
     rows, vocab = z.shape
     outs = [torch.empty(rows, dtype=torch.float32) for _ in range(4)]
-    safe = None if labels is None else _vec(torch.where(mask, labels, 0), torch.int64)
+    lab = None if labels is None else _vec(labels, torch.int64)  # read for unmasked rows only
     msk = None if mask is None else _vec(mask, torch.bool)
     getattr(lib, f"cpu_rows_forward_{_SUFFIX[z.dtype]}")(
-        z.data_ptr(), rows, vocab, z.stride(0) * z.element_size(), _ptr(safe), _ptr(msk), post,
+        z.data_ptr(), rows, vocab, z.stride(0) * z.element_size(), _ptr(lab), _ptr(msk), post,
         None if labels is None else outs[0].data_ptr(), *[o.data_ptr() for o in outs[1:]],
         torch.get_num_threads())
     return (None if labels is None else outs[0]), outs[1], outs[2], outs[3]
@@ -191,10 +191,10 @@ def backward_rows(z: torch.Tensor, out: torch.Tensor, labels, mask, lse, entropy
     itself); the per-row vectors [R] as in ``torch_rows.rows_backward``."""
     lib = lib or library()
     rows, vocab = z.shape
-    safe = None if labels is None else _vec(torch.where(mask, labels, 0), torch.int64)
+    lab = None if labels is None else _vec(labels, torch.int64)  # read for unmasked rows only
     msk = None if mask is None else _vec(mask, torch.bool)
     vecs = [_vec(t) for t in (lse, lse_lo, entropy, g, h, g_lse)]
     getattr(lib, f"cpu_rows_backward_{_SUFFIX[z.dtype]}")(
         z.data_ptr(), out.data_ptr(), rows, vocab, z.stride(0) * z.element_size(),
-        out.stride(0) * out.element_size(), _ptr(safe), _ptr(msk), *[v.data_ptr() for v in vecs], post,
+        out.stride(0) * out.element_size(), _ptr(lab), _ptr(msk), *[v.data_ptr() for v in vecs], post,
         torch.get_num_threads())

@@ -33,8 +33,10 @@ MADV_HUGEPAGE = 14  # linux/mman.h
 MIN_BYTES = 8 * 2**20
 
 
+@functools.lru_cache(maxsize=1)
 def thp_mode() -> str | None:
-    """The system's transparent-huge-page mode (``always``, ``madvise`` or ``never``), None where unknown."""
+    """The system's transparent-huge-page mode (``always``, ``madvise`` or ``never``), None where unknown;
+    read once per process."""
     try:
         with open(THP_ENABLED) as f:
             text = f.read()

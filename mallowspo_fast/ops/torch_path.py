@@ -323,9 +323,8 @@ def _new_gradient(logits: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor like ``logits`` for its gradient: the pooled one when it is free (CPU), else a
     new one, on huge pages where the system has them (``pages``: a fresh gradient's page faults cost more
     than the backward's arithmetic)."""
-    if (logits.device.type != "cpu" or logits.is_leaf or not _pool_enabled()
-            or torch.compiler.is_compiling()):
-        return torch.empty_like(logits) if torch.compiler.is_compiling() else empty_like_huge(logits)
+    if logits.device.type != "cpu" or logits.is_leaf or not _pool_enabled():
+        return empty_like_huge(logits)
     key = (tuple(logits.shape), logits.dtype)
     with _GradPool.lock:
         buf = _GradPool.buffers.get(key)
@@ -363,10 +362,11 @@ def forward(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
                             None if mask is None else mask.reshape(-1), *_scalars(transform, logits.dtype, dev),
                             softcap=transform.has_softcap, stats=return_stats, acc=torch.float64)
         return RowStats(*(None if v is None else v.view(batch, seq) for v in vals))
-    if use_compiled(logits) and cpu_native.serves(logits, transform.has_softcap, return_stats):
+    compiled = use_compiled(logits)
+    if compiled and cpu_native.serves(logits, transform.has_softcap, return_stats):
         _native_forward_rows(logits, labels, mask, transform, outs)
-    elif not (use_compiled(logits) and _compiled_or_none(_compiled_forward_rows, logits, labels, mask, transform,
-                                                           return_stats, outs)):
+    elif not (compiled and _compiled_or_none(_compiled_forward_rows, logits, labels, mask, transform,
+                                             return_stats, outs)):
         _eager_forward_rows(logits, labels, mask, transform, return_stats, outs)
     return RowStats(*outs)
 
@@ -392,9 +392,10 @@ def backward(logits: torch.Tensor, labels: torch.Tensor | None, lse: torch.Tenso
         return grad.view(logits.shape).to(logits.dtype)
     grad = logits if inplace else _new_gradient(logits)
     args = (logits, grad, labels, mask, lse, entropy, g, h, g_lse, lse_lo, transform)
-    if use_compiled(logits) and cpu_native.serves(logits, transform.has_softcap, False):
+    compiled = use_compiled(logits)
+    if compiled and cpu_native.serves(logits, transform.has_softcap, False):
         _native_backward_rows(*args)
-    elif not (use_compiled(logits) and _compiled_or_none(_compiled_backward_rows, *args)):
+    elif not (compiled and _compiled_or_none(_compiled_backward_rows, *args)):
         _eager_backward_rows(*args)
     return grad
 
